@@ -1,0 +1,1 @@
+"""PyTorch DDP training, models, and the MLflow model wrapper used at scoring time."""

@@ -1,0 +1,1 @@
+"""Entry points: the `dlpipe` CLI and one thin recipe per stage."""

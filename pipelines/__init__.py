@@ -1,0 +1,1 @@
+"""Spark ETL: ingest raw files, quarantine bad records, split, normalize, write Parquet for training."""
