@@ -32,6 +32,7 @@ class ImageFolderSource(_Strict):
 
     kind: Literal["image_folder"]
     path: Path
+    sample: str | None = None  # the `dlpipe sample` data set that writes this folder (used by `dlpipe demo`)
     image_size: tuple[PositiveInt, PositiveInt] = (8, 8)
     channels: Literal[1, 3] = 1
     max_bad_fraction: float = Field(0.05, ge=0.0, le=1.0)

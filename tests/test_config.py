@@ -1,0 +1,88 @@
+"""Config loading: typed values, overrides, and errors that name the file and the key."""
+from pathlib import Path
+
+import pytest
+import yaml
+
+from jobs.config import ConfigError, load_config, parse_override
+
+DIGITS = Path(__file__).resolve().parents[1] / "conf" / "digits_cnn.yaml"
+
+
+def write_config(tmp_path: Path, mutate) -> Path:
+    data = yaml.safe_load(DIGITS.read_text())
+    mutate(data)
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_shipped_digits_config_loads_with_typed_values():
+    cfg = load_config(DIGITS)
+    assert cfg.name == "digits-cnn"
+    assert cfg.source.image_size == (8, 8)
+    assert cfg.train.world_size == 2
+    assert cfg.split.train + cfg.split.val + cfg.split.test == pytest.approx(1.0)
+    assert cfg.tracking_uri.startswith("sqlite:///") and cfg.tracking_uri.endswith("runs/digits-cnn/mlflow.db")
+    assert cfg.score_model_uri == "models:/digits-cnn/latest"
+
+
+def test_overrides_set_nested_values_parsed_as_yaml():
+    cfg = load_config(DIGITS, ["train.epochs=3", "train.optimizer.lr=0.01", "model.channels=[8, 16]"])
+    assert cfg.train.epochs == 3
+    assert cfg.train.optimizer.lr == 0.01
+    assert cfg.model.channels == [8, 16]
+
+
+def test_resolved_yaml_round_trips_to_the_same_config(tmp_path):
+    cfg = load_config(DIGITS, ["train.epochs=3"])
+    path = tmp_path / "resolved.yaml"
+    path.write_text(cfg.to_yaml())
+    assert load_config(path) == cfg
+
+
+def test_unknown_key_in_file_names_file_and_key(tmp_path):
+    path = write_config(tmp_path, lambda d: d["train"].update(epocs=3))
+    with pytest.raises(ConfigError, match=r"pipeline\.yaml.*unknown key 'train\.epocs'"):
+        load_config(path)
+
+
+def test_unknown_key_in_override_is_an_error():
+    with pytest.raises(ConfigError, match=r"overrides model\.widht=3.*unknown key 'model\.widht'"):
+        load_config(DIGITS, ["model.widht=3"])
+
+
+def test_wrong_type_names_the_key():
+    with pytest.raises(ConfigError, match=r"'train\.batch_size'.*integer"):
+        load_config(DIGITS, ["train.batch_size=many"])
+
+
+def test_missing_required_key_is_named(tmp_path):
+    path = write_config(tmp_path, lambda d: d.pop("model"))
+    with pytest.raises(ConfigError, match=r"missing required key 'model'"):
+        load_config(path)
+
+
+def test_split_ratios_must_sum_to_one():
+    with pytest.raises(ConfigError, match=r"'split'.*sum to 1, got 1\.1"):
+        load_config(DIGITS, ["split.train=0.8"])
+
+
+def test_unknown_model_kind_is_rejected():
+    with pytest.raises(ConfigError, match=r"'model'.*'transformer'"):
+        load_config(DIGITS, ["model.kind=transformer"])
+
+
+def test_missing_file_and_bad_yaml_are_clear(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: not valid YAML"):
+        load_config(bad)
+
+
+@pytest.mark.parametrize("text", ["noequals", "=3", "a..b=1"])
+def test_malformed_override_is_rejected(text):
+    with pytest.raises(ConfigError, match="expected key.sub=value"):
+        parse_override(text)
