@@ -1,0 +1,164 @@
+"""Spark batch scoring: a registered model applied to Parquet, Arrow batch by Arrow batch.
+
+The driver resolves the model URI to one registry version, so every executor scores with the same
+model even if `latest` or an alias moves mid-job. Each Python worker loads that version once and
+reads Arrow's flat list values as an [N, D] array without touching rows one by one.
+"""
+from __future__ import annotations
+
+import functools
+import re
+from pathlib import Path
+from typing import Iterator
+
+import mlflow
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from pyspark import TaskContext
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql.types import ArrayType, FloatType, IntegerType, StringType, StructField, StructType
+
+from pipelines.atomic import atomic_directory
+from pipelines.errors import DataError
+
+_BAD_ROW = "dlpipe-bad-feature-row:"
+_MODELS: dict[tuple[str, str, str], tuple] = {}  # per Python worker: (tracking, registry, uri) -> loaded model
+
+
+class BadFeatureRow(DataError):
+    """An input row whose feature array is null, has null values, or has the wrong length."""
+
+
+def _cached_model(tracking_uri: str, registry_uri: str, model_uri: str) -> tuple:
+    """The worker's loaded model for `model_uri`, loading it on first use only."""
+    key = (tracking_uri, registry_uri, model_uri)
+    if key not in _MODELS:
+        from dl.serving import load_scoring_model  # torch is imported in workers only when they score
+
+        mlflow.set_tracking_uri(tracking_uri)
+        mlflow.set_registry_uri(registry_uri)
+        _MODELS[key] = load_scoring_model(model_uri)
+    return _MODELS[key]
+
+
+def _limit_threads_to_task() -> None:
+    """Give torch the task's cores (`spark.task.cpus`), not the machine's: executors run tasks side by side."""
+    import torch
+
+    context = TaskContext.get()
+    if context is not None:
+        torch.set_num_threads(max(1, context.cpus()))
+
+
+def feature_matrix(features: pa.Array, ids: pa.Array, width: int, column: str) -> np.ndarray:
+    """[N, width] view of a list<float> Arrow column; a null or wrong-length row raises naming its id."""
+    if isinstance(features, pa.ChunkedArray):
+        features = features.combine_chunks()
+    bad = pc.invert(pc.fill_null(pc.equal(pc.list_value_length(features), width), False))
+    if pc.any(bad).as_py():
+        row = pc.indices_nonzero(bad)[0].as_py()
+        value = features[row]
+        what = "is null" if not value.is_valid else f"has {len(value)} values, expected {width}"
+        raise BadFeatureRow(f"{_BAD_ROW} row id={ids[row].as_py()!r}: '{column}' {what}")
+    values = features.flatten()  # respects the slice offset: only this batch's values, in row order
+    if values.null_count:
+        row = pc.indices_nonzero(pc.is_null(values))[0].as_py() // width
+        raise BadFeatureRow(f"{_BAD_ROW} row id={ids[row].as_py()!r}: '{column}' holds null values")
+    return values.to_numpy(zero_copy_only=False).reshape(len(features), width)
+
+
+def _repeat(value: str, length: int) -> pa.Array:
+    return pa.array([value], pa.string()).take(pa.array(np.zeros(length, dtype=np.int64)))
+
+
+def _score_batches(
+    batches: Iterator[pa.RecordBatch],
+    *,
+    model_uri: str,
+    tracking_uri: str,
+    registry_uri: str,
+    input_col: str,
+    keep: tuple[str, ...],
+    batch_size: int,
+) -> Iterator[pa.RecordBatch]:
+    """mapInArrow body: raw features in, `keep` columns + prediction, probability and model lineage out."""
+    model, name, version, run_id = _cached_model(tracking_uri, registry_uri, model_uri)
+    _limit_threads_to_task()
+    width, classes = model.num_features, len(model.classes)
+    for batch in batches:
+        rows = batch.num_rows
+        raw = feature_matrix(batch.column(input_col), batch.column("id"), width, input_col)
+        prediction = np.empty(rows, dtype=np.int32)
+        probability = np.empty((rows, classes), dtype=np.float32)
+        for start in range(0, rows, batch_size):
+            chunk = slice(start, start + batch_size)
+            prediction[chunk], probability[chunk] = model.predict_arrays(raw[chunk], batch_size=batch_size)
+        offsets = pa.array(np.arange(0, rows * classes + 1, classes, dtype=np.int32))
+        columns = [batch.column(c) for c in keep] + [
+            pa.array(prediction),
+            pa.ListArray.from_arrays(offsets, pa.array(probability.reshape(-1))),
+            _repeat(name, rows),
+            _repeat(version, rows),
+            _repeat(run_id or "", rows),
+        ]
+        names = list(keep) + ["prediction", "probability", "model_name", "model_version", "model_run_id"]
+        yield pa.RecordBatch.from_arrays(columns, names=names)
+
+
+def _one_line_reason(exc: Exception) -> str | None:
+    """The bad-row message a worker raised, dug out of Spark's wrapped traceback."""
+    found = re.search(re.escape(_BAD_ROW) + r"\s*(.*)", str(exc))
+    return found.group(1).strip() if found else None
+
+
+def score_parquet(
+    spark: SparkSession,
+    model_uri: str,
+    input_path: str | Path,
+    output_path: str | Path,
+    input_col: str = "raw_features",
+    batch_size: int = 1024,
+) -> dict:
+    """Score a Parquet dataset with a registered model; write predictions atomically; return counts."""
+    from dl.serving import resolve_model_version
+
+    version = resolve_model_version(model_uri)
+    pinned = f"models:/{version.name}/{version.version}"
+    source: DataFrame = spark.read.parquet(str(input_path))
+    missing = [c for c in ("id", input_col) if c not in source.columns]
+    if missing:
+        raise DataError(f"{input_path}: scoring input lacks column(s) {missing}; has {source.columns}")
+    keep = ("id", "label") if "label" in source.columns else ("id",)
+    schema = StructType(
+        [source.schema[c] for c in keep]
+        + [
+            StructField("prediction", IntegerType()),
+            StructField("probability", ArrayType(FloatType())),
+            StructField("model_name", StringType()),
+            StructField("model_version", StringType()),
+            StructField("model_run_id", StringType()),
+        ]
+    )
+    score = functools.partial(
+        _score_batches,
+        model_uri=pinned,
+        tracking_uri=mlflow.get_tracking_uri(),
+        registry_uri=mlflow.get_registry_uri(),
+        input_col=input_col,
+        keep=keep,
+        batch_size=batch_size,
+    )
+    rows_in = source.count()
+    with atomic_directory(Path(output_path)) as staging:
+        try:
+            source.select(*keep, input_col).mapInArrow(score, schema).write.parquet(str(staging))
+        except Exception as exc:
+            reason = _one_line_reason(exc)
+            if reason:
+                raise BadFeatureRow(f"{input_path}: {reason}") from None
+            raise
+        rows_out = spark.read.parquet(str(staging)).count()
+        if rows_out != rows_in:
+            raise RuntimeError(f"scoring {input_path}: {rows_in} rows in but {rows_out} predictions out")
+    return {"rows_in": rows_in, "rows_out": rows_out, "model_name": version.name, "model_version": str(version.version)}
