@@ -124,6 +124,15 @@ class ScoreConf(_Strict):
     batch_size: PositiveInt = 1024
 
 
+class PromoteConf(_Strict):
+    """The promotion gate: the challenger becomes `champion` only if it beats it on `metric`."""
+
+    metric: str = "test_accuracy"  # a metric logged on the model version's training run
+    mode: Literal["max", "min"] = "max"
+    min_delta: float = Field(0.0, ge=0.0)
+    smoke_rows: PositiveInt = 64  # rows of the test split scored by the real Spark scorer before promotion
+
+
 class PipelineConfig(_Strict):
     """A whole pipeline: where its data comes from and how every stage treats it."""
 
@@ -138,6 +147,7 @@ class PipelineConfig(_Strict):
     train: TrainConf = Field(default_factory=TrainConf)
     mlflow: MlflowConf = Field(default_factory=MlflowConf)
     score: ScoreConf = Field(default_factory=ScoreConf)
+    promote: PromoteConf = Field(default_factory=PromoteConf)
 
     @property
     def dataset_dir(self) -> Path:
