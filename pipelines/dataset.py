@@ -1,0 +1,159 @@
+"""The ETL output (docs/architecture.md, dataset contract): split Parquet files, manifest.json, quarantine.
+
+Everything here collects only small summaries (counts, class names, one hash per input file), never rows.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import datetime, timezone
+from functools import reduce
+from pathlib import Path
+
+import pyarrow.parquet as pq
+from pyspark.sql import DataFrame
+from pyspark.sql import functions as F
+
+from jobs.config import PipelineConfig
+from pipelines.atomic import atomic_directory
+from pipelines.errors import DataError
+from pipelines.scaling import FittedScaler
+from pipelines.split import SPLITS
+
+MANIFEST_NAME = "manifest.json"
+
+
+def write_quarantine(rows: DataFrame, path: Path) -> None:
+    """Replace the quarantine Parquet at `path` atomically; written even when empty, so it always shows this run."""
+    with atomic_directory(path) as staging:
+        rows.write.parquet(str(staging))
+
+
+def quarantine_reasons(quarantined: DataFrame) -> dict[str, int]:
+    """Reason -> number of quarantined rows."""
+    return dict(sorted((row["reason"], row["count"]) for row in quarantined.groupBy("reason").count().collect()))
+
+
+def check_counts(counts: dict[str, int], max_bad_fraction: float, quarantine_dir: Path) -> None:
+    """Raise unless clean + quarantined rows add up to the input rows, some are clean and few are bad."""
+    rows_in, clean, bad = counts["rows_in"], counts["rows_clean"], counts["rows_quarantined"]
+    if rows_in != clean + bad:
+        raise DataError(f"row counts do not reconcile: rows_in {rows_in} != clean {clean} + quarantined {bad}")
+    if clean == 0:
+        raise DataError(f"no clean rows among {rows_in} input files; see the quarantine at {quarantine_dir}")
+    if bad / rows_in > max_bad_fraction:
+        raise DataError(
+            f"quarantined fraction {bad / rows_in:.4f} ({bad} of {rows_in} rows) exceeds source.max_bad_fraction "
+            f"{max_bad_fraction:g}; see the quarantine at {quarantine_dir}"
+        )
+
+
+def content_hash(files: DataFrame, key_col: str, hash_col: str) -> str:
+    """sha256 over the sorted (relative path, file sha256) pairs; the per-file hashes are computed by Spark."""
+    pairs = sorted((row[key_col], row[hash_col]) for row in files.select(key_col, hash_col).collect())
+    digest = hashlib.sha256()
+    for key, file_hash in pairs:
+        digest.update(f"{key}\t{file_hash}\n".encode())
+    return digest.hexdigest()
+
+
+def class_names(rows: DataFrame, label_col: str) -> list[str]:
+    """The sorted distinct labels: index i of this list is class i."""
+    return sorted(row[label_col] for row in rows.select(label_col).distinct().collect())
+
+
+def encode_labels(rows: DataFrame, label_col: str, classes: list[str]) -> DataFrame:
+    """Replace the class names in `label_col` by their int index in `classes`."""
+    index = F.create_map(*[F.lit(value) for i, name in enumerate(classes) for value in (name, i)])
+    return rows.withColumn(label_col, index[F.col(label_col)].cast("int"))
+
+
+def class_balance(rows: DataFrame, classes: list[str]) -> dict[str, dict[str, int]]:
+    """Per split, class name -> row count (rows carry the int `label` and `split`)."""
+    balance: dict[str, dict[str, int]] = {split: {} for split in SPLITS}
+    for row in rows.groupBy("split", "label").count().collect():
+        balance[row["split"]][classes[row["label"]]] = row["count"]
+    return {split: dict(sorted(per_class.items())) for split, per_class in balance.items()}
+
+
+def split_counts(balance: dict[str, dict[str, int]], rows_clean: int) -> dict[str, int]:
+    """Rows per split; raise if a split is empty or the splits do not add up to the clean rows."""
+    counts = {split: sum(balance[split].values()) for split in SPLITS}
+    if sum(counts.values()) != rows_clean:
+        raise DataError(f"split counts {counts} do not add up to rows_clean {rows_clean}")
+    empty = [split for split, count in counts.items() if count == 0]
+    if empty:
+        raise DataError(f"split(s) {', '.join(empty)} would be empty: {counts} from {rows_clean} clean rows")
+    return counts
+
+
+def dataset_columns(rows: DataFrame, keep_raw: bool) -> DataFrame:
+    """The contract's columns in order (`raw_features` only when kept), plus the `split` partition column."""
+    return rows.select("id", "label", "features", *(["raw_features"] if keep_raw else []), "split")
+
+
+def build_manifest(
+    cfg: PipelineConfig,
+    *,
+    dataset: DataFrame,
+    input_hash: str,
+    feature_shape: tuple[int, int, int],
+    classes: list[str],
+    counts: dict[str, int],
+    balance: dict[str, dict[str, int]],
+    scaler: FittedScaler,
+    quarantine_reasons: dict[str, int],
+) -> dict:
+    """The manifest.json content: lineage, schema, shapes, classes, counts and the fitted preprocessing."""
+    return {
+        "pipeline": cfg.name,
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "source": {
+            "kind": cfg.source.kind,
+            "path": str(cfg.source.path),
+            "files": counts["rows_in"],
+            "content_hash": input_hash,
+        },
+        "columns": {field.name: field.dataType.simpleString() for field in dataset.schema if field.name != "split"},
+        "feature_shape": list(feature_shape),
+        "classes": classes,
+        "counts": counts,
+        "class_balance": balance,
+        "preprocessing": {
+            "image_size": list(cfg.source.image_size),
+            "channels": cfg.source.channels,
+            "scaler": scaler.to_dict(),
+        },
+        "split": cfg.split.model_dump(),
+        "quarantine_reasons": quarantine_reasons,
+    }
+
+
+def _row_groups(split_dir: Path) -> int:
+    return sum(pq.ParquetFile(path).num_row_groups for path in split_dir.glob("*.parquet"))
+
+
+def write_dataset(dataset: DataFrame, out_dir: Path, manifest: dict, files_per_split: int, world_size: int) -> None:
+    """Write `files_per_split` Parquet files per split plus manifest.json, replacing `out_dir` atomically.
+
+    Raises DataError (leaving any previous dataset in place) when the train split has fewer row groups than
+    `world_size`: petastorm shards row groups across ranks.
+    """
+    per_split = [dataset.where(F.col("split") == split).repartition(files_per_split) for split in SPLITS]
+    with atomic_directory(out_dir) as staging:
+        reduce(DataFrame.unionByName, per_split).write.partitionBy("split").parquet(str(staging))
+        train_row_groups = _row_groups(staging / "split=train")
+        if train_row_groups < world_size:
+            raise DataError(
+                f"the train split has {train_row_groups} Parquet row groups but train.world_size is {world_size} "
+                f"(each rank reads whole row groups): raise output.files_per_split or add training data"
+            )
+        (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def read_manifest(dataset_dir: Path) -> dict:
+    """The manifest.json of an ETL output folder; DataError naming the path when there is none."""
+    path = Path(dataset_dir) / MANIFEST_NAME
+    if not path.is_file():
+        raise DataError(f"no dataset manifest at {path}: run the etl stage first")
+    return json.loads(path.read_text())

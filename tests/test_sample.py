@@ -1,0 +1,41 @@
+"""`dlpipe sample digits`: sklearn's digits written as grey PNG files in class folders."""
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+from sklearn.datasets import load_digits
+
+from jobs.sample import SAMPLES, write_digits
+
+
+def test_write_digits_writes_every_image_as_a_grey_png_in_its_class_folder(tmp_path):
+    digits = load_digits()
+    out = tmp_path / "digits"
+
+    assert write_digits(out) == 1797
+
+    assert sorted(p.name for p in out.iterdir()) == [str(d) for d in range(10)]
+    per_class = {int(d.name): len(list(d.glob("*.png"))) for d in out.iterdir()}
+    assert per_class == dict(enumerate(np.bincount(digits.target).tolist()))
+    for index in (0, 1, 500, 1796):
+        with Image.open(out / str(digits.target[index]) / f"{index:04d}.png") as image:
+            assert image.mode == "L" and image.size == (8, 8)
+            expected = np.array([[round(v * 255 / 16) for v in row] for row in digits.images[index]])
+            np.testing.assert_array_equal(np.asarray(image), expected)
+
+
+def test_write_digits_is_idempotent_and_replaces_stale_files(tmp_path):
+    out = tmp_path / "digits"
+    write_digits(out)
+    first = (out / "3" / "0003.png").read_bytes()
+    (out / "stale.txt").write_text("left over from an earlier run")
+
+    assert write_digits(out) == 1797
+
+    assert not (out / "stale.txt").exists()
+    assert (out / "3" / "0003.png").read_bytes() == first
+    assert sum(1 for _ in out.rglob("*.png")) == 1797
+
+
+def test_samples_registry_names_the_digits_writer():
+    assert SAMPLES == {"digits": write_digits}
