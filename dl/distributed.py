@@ -1,0 +1,74 @@
+"""Process-group set-up from torchrun's environment (TorchDistributor sets the same), rank-0 guard, teardown.
+
+torchrun exports RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT; without them (a plain
+`python` run) the process joins a one-rank group of its own, so training code never branches on it.
+"""
+from __future__ import annotations
+
+import os
+import random
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Where this process sits in the job and the device it computes on."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    backend: str
+    device: torch.device
+
+
+def resolve_backend(backend: str) -> str:
+    """`auto` -> nccl when CUDA is available, else gloo; an explicit backend is kept."""
+    if backend != "auto":
+        return backend
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def is_master() -> bool:
+    """True on rank 0 (or without a process group): the one process that logs and writes."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def seed_everything(seed: int, rank: int) -> None:
+    """Seed Python, NumPy and torch with `seed + rank`: reproducible, yet different dropout per rank."""
+    random.seed(seed + rank)
+    np.random.seed(seed + rank)
+    torch.manual_seed(seed + rank)
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum `tensor` in place over all ranks (unchanged without a process group) and return it."""
+    if dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+@contextmanager
+def distributed(backend: str = "auto", seed: int = 0) -> Iterator[DistContext]:
+    """Join the process group described by the environment, seed this rank, and tear the group down on exit."""
+    rank = int(os.environ.get("RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    backend = resolve_backend(backend)
+    device = torch.device(f"cuda:{local_rank}") if backend == "nccl" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if "WORLD_SIZE" in os.environ:
+        dist.init_process_group(backend, rank=rank, world_size=world_size)
+    else:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    seed_everything(seed, rank)
+    try:
+        yield DistContext(rank, local_rank, world_size, backend, device)
+    finally:
+        dist.destroy_process_group()

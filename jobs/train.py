@@ -1,0 +1,122 @@
+"""Recipe: train the pipeline's model with DDP on its Parquet dataset, track the run in MLflow, register the model.
+
+Each process is one rank: `torchrun --nproc-per-node N -m jobs.train conf.yaml [k=v ...]`, or
+TorchDistributor calling `main`. `launch` is what `dlpipe train` calls; it starts that torchrun.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import Iterator
+
+import mlflow
+
+from dl.distributed import distributed, is_master
+from dl.models import build_model
+from dl.serving import log_and_register
+from dl.trainer import fit
+from jobs.config import ConfigError, PipelineConfig, load_config
+from jobs.stage import configure_logging, stage
+from pipelines.atomic import write_text_atomic
+from pipelines.dataset import read_manifest
+from pipelines.errors import DataError
+
+log = logging.getLogger("dlpipe.train")
+
+
+def flatten(data: dict, prefix: str = "") -> dict:
+    """Nested mapping -> {"train.optimizer.lr": 0.002, ...}: the resolved config as MLflow params."""
+    flat = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+@contextmanager
+def tracked_run(cfg: PipelineConfig, manifest: dict) -> Iterator[mlflow.ActiveRun]:
+    """Open the training run (creating the experiment when missing); record config, manifest and lineage."""
+    mlflow.set_tracking_uri(cfg.tracking_uri)
+    if mlflow.get_experiment_by_name(cfg.experiment_name) is None:
+        mlflow.create_experiment(cfg.experiment_name, artifact_location=cfg.artifact_location)
+    mlflow.set_experiment(cfg.experiment_name)
+    with mlflow.start_run(run_name=f"train-{cfg.name}") as run:
+        mlflow.log_params(flatten(cfg.model_dump(mode="json")))
+        mlflow.set_tags({
+            "dlpipe.stage": "train",
+            "dataset.path": str(cfg.dataset_dir.resolve()),
+            "dataset.content_hash": manifest["source"]["content_hash"],
+        })
+        mlflow.log_text(cfg.to_yaml(), "config.yaml")
+        mlflow.log_dict(manifest, "manifest.json")
+        yield run
+
+
+def train(cfg: PipelineConfig, manifest: dict) -> None:
+    """This rank's share of training; rank 0 also tracks the run, registers the model and writes the result."""
+    num_classes = len(manifest["classes"])
+    with distributed(cfg.train.backend, cfg.train.seed) as ctx:
+        configure_logging(logging.INFO if is_master() else logging.WARNING)
+        network = build_model(cfg.model, tuple(manifest["feature_shape"]), num_classes)
+        with stage("train") as summary, tracked_run(cfg, manifest) if is_master() else nullcontext() as run:
+            result = fit(
+                network, cfg.train, cfg.dataset_dir, num_classes, ctx, cfg.checkpoint_dir / "best.pt",
+                log_metrics=mlflow.log_metrics,
+            )
+            if not is_master():
+                return  # rank 0 alone tracks, registers and reports
+            mlflow.log_metrics({f"test_{name}": value for name, value in result.test_metrics.items()})
+            mlflow.log_dict({"classes": manifest["classes"], "matrix": result.test_confusion}, "test_confusion.json")
+            version = log_and_register(network.cpu(), cfg, manifest)
+            summary.update(
+                backend=ctx.backend, world_size=ctx.world_size, epochs=len(result.history),
+                best_epoch=result.best_epoch, test_accuracy=round(result.test_metrics["accuracy"], 4),
+                model=f"{version.name}/{version.version}",
+            )
+        write_text_atomic(cfg.run_dir / "train_result.json", json.dumps({
+            "run_id": run.info.run_id,
+            "model_name": version.name,
+            "model_version": int(version.version),
+            "model_uri": f"models:/{version.name}/{version.version}",
+            "best_epoch": result.best_epoch,
+            "test_metrics": result.test_metrics,
+        }, indent=2))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """One rank of `dlpipe train`: argv is `conf.yaml [key.sub=value ...]`; returns the exit code."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    configure_logging()
+    if not args:
+        log.error("usage: python -m jobs.train conf.yaml [key.sub=value ...]")
+        return 2
+    try:
+        cfg = load_config(args[0], args[1:])
+        train(cfg, read_manifest(cfg.dataset_dir))
+    except ConfigError as exc:
+        log.error("config error: %s", exc)
+        return 2
+    except DataError as exc:
+        log.error("data error: %s", exc)
+        return 3
+    return 0
+
+
+def launch(cfg_path: str | Path, overrides: list[str] | tuple[str, ...] = (), world_size: int = 1) -> int:
+    """Run `jobs.train` on `world_size` local ranks under torchrun; its exit code is non-zero if any rank failed."""
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world_size}",
+        "-m", "jobs.train", str(cfg_path), *overrides,
+    ]
+    log.info("launching %s", " ".join(command))
+    return subprocess.run(command, check=False).returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())
