@@ -1,0 +1,93 @@
+"""The `dlpipe` command as a scheduler sees it: exit codes, one-line reasons, and the whole chain end to end."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pyarrow.parquet as pq
+import pytest
+from mlflow import MlflowClient
+
+from jobs.cli import EXIT_CONFIG, EXIT_DATA, main
+from jobs.sample import write_digits
+
+DIGITS = Path(__file__).resolve().parents[1] / "conf" / "digits_cnn.yaml"
+
+
+def dlpipe(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """Run the installed `dlpipe` entry point in a fresh process, as cron or Airflow would."""
+    return subprocess.run(
+        [sys.executable, "-m", "jobs.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=600
+    )
+
+
+def test_help_lists_every_stage(capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["--help"])
+    assert exited.value.code == 0
+    out = capsys.readouterr().out
+    for command in ("sample", "validate", "etl", "train", "score", "run", "demo"):
+        assert command in out
+    assert "exit codes" in out
+
+
+def test_validate_prints_the_resolved_config(capsys):
+    assert main(["validate", str(DIGITS), "train.epochs=7"]) == 0
+    assert "epochs: 7" in capsys.readouterr().out
+
+
+def test_unknown_config_key_exits_with_config_code_and_one_line(tmp_path):
+    done = dlpipe("etl", str(DIGITS), "train.epocs=3", cwd=tmp_path)
+    assert done.returncode == EXIT_CONFIG
+    reason = done.stderr.strip().splitlines()
+    assert reason == [f"dlpipe: config error: {DIGITS} (with overrides train.epocs=3): unknown key 'train.epocs'"]
+
+
+def test_missing_input_folder_exits_with_data_code(tmp_path):
+    missing = tmp_path / "no-such-folder"
+    done = dlpipe("etl", str(DIGITS), f"source.path={missing}", f"run_dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert done.returncode == EXIT_DATA
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"dlpipe: data error: image folder {missing} does not exist (source.path: {missing})"
+    )
+
+
+@pytest.mark.slow
+def test_run_chains_etl_ddp_training_registration_and_scoring(tmp_path):
+    """The digits pipeline on the real data, 2 torchrun ranks, a few epochs: every stage really runs."""
+    raw = tmp_path / "raw"
+    write_digits(raw)
+    (raw / "3" / "notes.txt").write_text("not an image")
+    run_dir = tmp_path / "run"
+    done = dlpipe(
+        "run", str(DIGITS), f"source.path={raw}", f"run_dir={run_dir}", "train.epochs=6",
+        "train.early_stopping.patience=6", cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    manifest = json.loads((run_dir / "dataset" / "manifest.json").read_text())
+    assert manifest["counts"]["rows_in"] == 1798
+    assert manifest["counts"]["rows_quarantined"] == 1
+    assert manifest["quarantine_reasons"] == {"undecodable image: cannot identify image file": 1}
+
+    result = json.loads((run_dir / "train_result.json").read_text())
+    predictions = pq.read_table(run_dir / "predictions").to_pandas()
+    assert len(predictions) == manifest["counts"]["test"]
+    assert set(predictions["model_version"]) == {str(result["model_version"])}
+    assert set(predictions["model_run_id"]) == {result["run_id"]}
+    accuracy = (predictions["prediction"] == predictions["label"]).mean()
+    assert accuracy > 0.9  # six epochs on digits; chance is 0.1
+    assert accuracy == pytest.approx(result["test_metrics"]["accuracy"], abs=1e-9)
+    assert f"accuracy           {accuracy:.4f}" in done.stdout
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
+    version = client.get_model_version("digits-cnn", str(result["model_version"]))
+    run = client.get_run(version.run_id)
+    assert run.data.metrics["test_accuracy"] == pytest.approx(accuracy)
+    assert run.data.params["train.world_size"] == "2"
+    artifacts = {a.path for a in client.list_artifacts(version.run_id)}
+    assert {"config.yaml", "manifest.json"} <= artifacts
+    mlflow.set_tracking_uri(None)
