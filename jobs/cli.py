@@ -11,21 +11,27 @@ import sys
 from pathlib import Path
 
 from jobs.config import ConfigError, load_config
-from jobs.run import TrainingFailed
-from pipelines.errors import DataError
+from jobs.run import STAGES
 from jobs.stage import configure_logging
 
 EXIT_CONFIG = 2
 EXIT_DATA = 3
 EXIT_TRAINING = 4
+EXIT_TRACKING = 5
+EXIT_PROMOTION = 6
+EXIT_LOCKED = 7
 
-EPILOG = """exit codes: 0 ok, 2 bad config, 3 bad or insufficient data, 4 training failed.
+EPILOG = """exit codes: 0 ok, 2 bad config, 3 bad or insufficient data (or an upstream stage not complete),
+  4 training failed, 5 MLflow tracking/registry unavailable, 6 promotion failed (candidate unusable),
+  7 the pipeline is already running (lock held).
 examples:
   dlpipe sample digits --out data/raw/digits
   dlpipe validate conf/digits_cnn.yaml train.epochs=5
-  dlpipe run conf/digits_cnn.yaml train.epochs=5
+  dlpipe run conf/digits_cnn.yaml train.epochs=5          # skips stages whose inputs and config are unchanged
+  dlpipe run conf/digits_cnn.yaml --from train --force
   dlpipe score conf/digits_cnn.yaml --model models:/digits-cnn/1 --input runs/digits-cnn/dataset/split=test
 """
+NEEDS_TRACKING = {"train", "promote", "score", "run", "demo"}
 
 
 def _cmd_sample(args: argparse.Namespace) -> None:
@@ -41,40 +47,51 @@ def _cmd_validate(args: argparse.Namespace) -> None:
     print(f"# {args.config}: valid", file=sys.stderr)
 
 
-def _cmd_etl(args: argparse.Namespace) -> None:
-    from jobs.etl import run_etl
+def _cmd_stage(args: argparse.Namespace) -> None:
+    """etl / train / promote / score as one stage of the pipeline: lock, upstream check, completion marker."""
+    from jobs.run import run_stages
 
-    run_etl(load_config(args.config, args.overrides))
+    markers = run_stages(args.config, args.overrides, only=args.command, force=True)
+    if args.command == "promote":
+        decision = markers["promote"]["summary"]
+        print(f"{decision['model_name']} version {decision['candidate_version']}: {decision['decision']} "
+              f"({decision['reason']})")
 
 
-def _cmd_train(args: argparse.Namespace) -> None:
-    from jobs.train import launch
+def _cmd_promote(args: argparse.Namespace) -> None:
+    from jobs.promote import run_promote
+    from jobs.state import pipeline_lock
 
+    if not (args.version or args.force_promotion):
+        return _cmd_stage(args)
     cfg = load_config(args.config, args.overrides)
-    code = launch(args.config, args.overrides, cfg.train.world_size)
-    if code:
-        raise TrainingFailed(f"training exited with code {code} (see the rank logs above)")
+    with pipeline_lock(cfg):
+        decision = run_promote(cfg, version=args.version, force=args.force_promotion)
+    print(f"{decision['model_name']} version {decision['candidate_version']}: {decision['decision']} "
+          f"({decision['reason']})")
 
 
 def _cmd_score(args: argparse.Namespace) -> None:
     from jobs.score import run_score
+    from jobs.state import pipeline_lock
 
+    if not (args.model or args.input or args.output):
+        return _cmd_stage(args)
     cfg = load_config(args.config, args.overrides)
-    run_score(cfg, model_uri=args.model, input_path=args.input, output_path=args.output)
+    with pipeline_lock(cfg):
+        run_score(cfg, model_uri=args.model, input_path=args.input, output_path=args.output)
 
 
 def _cmd_run(args: argparse.Namespace) -> None:
     from jobs.run import run_pipeline
 
-    report = run_pipeline(args.config, args.overrides)
-    print(report.as_text())
+    print(run_pipeline(args.config, args.overrides, start=args.start, only=args.only, force=args.force).as_text())
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
     from jobs.run import run_demo
 
-    report = run_demo(args.config, args.overrides)
-    print(report.as_text())
+    print(run_demo(args.config, args.overrides).as_text())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,13 +118,22 @@ def build_parser() -> argparse.ArgumentParser:
         return sub
 
     stage_parser("validate", "check a config (and overrides) and print the resolved YAML; runs nothing", _cmd_validate)
-    stage_parser("etl", "Spark ETL: ingest, quarantine, split, normalize, write the Parquet dataset", _cmd_etl)
-    stage_parser("train", "DDP training via torchrun (train.world_size processes); registers the model", _cmd_train)
+    stage_parser("etl", "Spark ETL: ingest, quarantine, split, normalize, write the Parquet dataset", _cmd_stage)
+    stage_parser("train", "DDP training via torchrun (train.world_size processes); registers the model", _cmd_stage)
+    promote = stage_parser("promote", "promotion gate: move `champion` to the new version if it is better", _cmd_promote)
+    promote.add_argument("--version", help="registry version to judge (default: the one `train` registered)")
+    promote.add_argument("--force", dest="force_promotion", action="store_true",
+                         help="promote regardless of the metric (still smoke-tested); recorded as forced")
     score = stage_parser("score", "Spark batch scoring of a registered model over Parquet", _cmd_score)
-    score.add_argument("--model", help="model URI (default: score.model_uri or models:/NAME/latest)")
+    score.add_argument("--model", help="model URI (default: score.model_uri or models:/NAME@champion)")
     score.add_argument("--input", type=Path, help="Parquet to score (default: the test split)")
     score.add_argument("--output", type=Path, help="where predictions go (default: <run_dir>/predictions)")
-    stage_parser("run", "all stages in order: etl -> train -> score", _cmd_run)
+    run = stage_parser("run", "all stages in order: etl -> train -> promote -> score, skipping unchanged ones",
+                       _cmd_run)
+    selection = run.add_mutually_exclusive_group()
+    selection.add_argument("--from", dest="start", choices=STAGES, help="start at this stage")
+    selection.add_argument("--only", choices=STAGES, help="run just this stage")
+    run.add_argument("--force", action="store_true", help="rerun selected stages even when up to date")
     demo = commands.add_parser("demo", help="write the sample data, run every stage, print the test report")
     demo.add_argument("config", nargs="?", default="conf/digits_cnn.yaml", help="pipeline YAML")
     demo.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override config values")
@@ -117,19 +143,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one `dlpipe` command; return its exit code."""
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)  # before the heavy imports: `--help` stays instant
+
+    from dl.promotion import PromotionError
+    from jobs.run import TrainingFailed
+    from jobs.state import PipelineLocked, StageIncomplete
+    from jobs.tracking import TrackingUnavailable, require_tracking
+    from pipelines.errors import DataError
+
     configure_logging(logging.DEBUG if args.verbose else logging.INFO)
+    failures = (
+        (ConfigError, EXIT_CONFIG, "config error"),
+        (DataError, EXIT_DATA, "data error"),
+        (StageIncomplete, EXIT_DATA, "missing input"),
+        (TrainingFailed, EXIT_TRAINING, "training failed"),
+        (TrackingUnavailable, EXIT_TRACKING, "tracking unavailable"),
+        (PromotionError, EXIT_PROMOTION, "promotion failed"),
+        (PipelineLocked, EXIT_LOCKED, "locked"),
+    )
     try:
+        if args.command in NEEDS_TRACKING:
+            require_tracking(load_config(args.config, args.overrides).tracking_uri)
         args.handler(args)
-    except ConfigError as exc:
-        print(f"dlpipe: config error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    except DataError as exc:
-        print(f"dlpipe: data error: {exc}", file=sys.stderr)
-        return EXIT_DATA
-    except TrainingFailed as exc:
-        print(f"dlpipe: training failed: {exc}", file=sys.stderr)
-        return EXIT_TRAINING
+    except tuple(kind for kind, _, _ in failures) as exc:
+        code, label = next((code, label) for kind, code, label in failures if isinstance(exc, kind))
+        print(f"dlpipe: {label}: {exc}", file=sys.stderr)
+        return code
     return 0
 
 

@@ -118,7 +118,7 @@ class MlflowConf(_Strict):
 
 
 class ScoreConf(_Strict):
-    model_uri: str | None = None  # default: models:/<registered_model>/latest
+    model_uri: str | None = None  # default: models:/<registered_model>@champion
     input: Path | None = None  # default: the test split of this pipeline's dataset
     output: Path | None = None  # default: <run_dir>/predictions
     batch_size: PositiveInt = 1024
@@ -179,7 +179,7 @@ class PipelineConfig(_Strict):
 
     @property
     def score_model_uri(self) -> str:
-        return self.score.model_uri or f"models:/{self.registered_model_name}/latest"
+        return self.score.model_uri or f"models:/{self.registered_model_name}@champion"
 
     @property
     def score_input(self) -> Path:

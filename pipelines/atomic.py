@@ -10,9 +10,14 @@ from typing import Iterator
 
 @contextmanager
 def atomic_directory(target: Path) -> Iterator[Path]:
-    """Yield a temp directory next to `target`; on success it replaces `target`, on error it is removed."""
+    """Yield a temp directory next to `target`; on success it replaces `target`, on error it is removed.
+
+    Staging folders left by a killed earlier writer are removed first (callers hold the pipeline lock).
+    """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in target.parent.glob(f".{target.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
     staging = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
         yield staging

@@ -24,7 +24,7 @@ def test_shipped_digits_config_loads_with_typed_values():
     assert cfg.train.world_size == 2
     assert cfg.split.train + cfg.split.val + cfg.split.test == pytest.approx(1.0)
     assert cfg.tracking_uri.startswith("sqlite:///") and cfg.tracking_uri.endswith("runs/digits-cnn/mlflow.db")
-    assert cfg.score_model_uri == "models:/digits-cnn/latest"
+    assert cfg.score_model_uri == "models:/digits-cnn@champion"
 
 
 def test_overrides_set_nested_values_parsed_as_yaml():

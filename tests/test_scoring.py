@@ -1,112 +1,36 @@
 """The registered pyfunc and the Spark scorer against a real sqlite MLflow registry and real Spark."""
 from __future__ import annotations
 
-import os
 from types import SimpleNamespace
 
 import mlflow
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
-import torch
 from mlflow import MlflowClient
 
-from dl.models import build_model
-from dl.serving import ServingModel, load_scoring_model, log_and_register, resolve_model_version
-from jobs.config import PipelineConfig
+from dl.serving import ServingModel, load_scoring_model, resolve_model_version
 from jobs.score import run_score
-from pipelines.scaling import FittedScaler
 from pipelines.scoring import BadFeatureRow, feature_matrix, score_parquet
+from registry_helpers import WIDTH, network, pipeline_config, register, scaler, tracking
+from registry_helpers import expected as _expected, raw_rows as _raw, write_dataset as _write_dataset
 
-SHAPE = (1, 8, 8)
-WIDTH = 64
-CLASSES = [str(i) for i in range(10)]
 NAME = "digits-cnn"
-
-
-def _manifest(scaler: FittedScaler) -> dict:
-    """The parts of the dataset manifest the serving model reads, shaped as the dataset contract says."""
-    return {
-        "pipeline": "scoring-test",
-        "source": {"kind": "image_folder", "path": "unused", "files": 0, "content_hash": "0" * 64},
-        "feature_shape": list(SHAPE),
-        "classes": CLASSES,
-        "preprocessing": {"image_size": [8, 8], "channels": 1, "scaler": scaler.to_dict()},
-    }
-
-
-def _network(cfg: PipelineConfig, scaler: FittedScaler, seed: int) -> torch.nn.Module:
-    """A small CNN whose batch-norm running stats moved off their defaults, so eval mode matters."""
-    torch.manual_seed(seed)
-    network = build_model(cfg.model, SHAPE, len(CLASSES))
-    warmup = np.random.default_rng(seed).integers(0, 17, (256, WIDTH)).astype(np.float32)
-    network.train()
-    with torch.no_grad():
-        for chunk in np.split(warmup, 4):
-            network(torch.from_numpy(scaler.apply(chunk)))
-    return network.eval()
-
-
-def _expected(network: torch.nn.Module, scaler: FittedScaler, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    with torch.no_grad():
-        probability = torch.softmax(network(torch.from_numpy(scaler.apply(raw))), dim=1).numpy()
-    return probability.argmax(axis=1), probability
 
 
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory):
     """Two registered versions of a small CNN in a sqlite-backed registry; version 1 is `champion`."""
     root = tmp_path_factory.mktemp("scoring")
-    cfg = PipelineConfig.model_validate(
-        {
-            "name": "scoring-test",
-            "run_dir": str(root / "run"),
-            "source": {"kind": "image_folder", "path": str(root / "images")},
-            "model": {"kind": "cnn", "channels": [4, 8], "hidden": 16, "dropout": 0.25},
-            "spark": {"master": "local[2]", "driver_memory": "1g", "shuffle_partitions": 4},  # as conftest's
-            "mlflow": {"registered_model": NAME},
-            "score": {"batch_size": 64},
-        }
-    )
-    previous = (mlflow.get_tracking_uri(), mlflow.get_registry_uri(), os.environ.get("MLFLOW_TRACKING_URI"))
-    mlflow.set_tracking_uri(cfg.tracking_uri)
-    mlflow.set_registry_uri(cfg.tracking_uri)
-    experiment = mlflow.create_experiment("scoring-test", artifact_location=cfg.artifact_location)
-    scaler = FittedScaler("zscore", "channel", WIDTH, (6.5,), (5.25,))
-    networks, versions = [], []
-    for seed in (1, 2):
-        networks.append(_network(cfg, scaler, seed))
-        with mlflow.start_run(experiment_id=experiment):
-            versions.append(log_and_register(networks[-1], cfg, _manifest(scaler)))
-    MlflowClient().set_registered_model_alias(NAME, "champion", str(versions[0].version))
-    yield SimpleNamespace(cfg=cfg, scaler=scaler, networks=networks, versions=versions, root=root)
-    mlflow.set_tracking_uri(previous[0])
-    mlflow.set_registry_uri(previous[1])
-    if previous[2] is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-
-
-def _raw(rows: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 17, (rows, WIDTH)).astype(np.float32)
-
-
-def _write_dataset(path, raw: np.ndarray, files: int, ids: list[str] | None = None, rows_list=None) -> list[str]:
-    """Parquet in `files` files with the dataset contract's columns; `rows_list` overrides raw_features."""
-    ids = ids or [f"{i % 10}/{i:04d}.png" for i in range(len(raw))]
-    values = rows_list if rows_list is not None else [row for row in raw]
-    path.mkdir(parents=True)
-    for part, index in enumerate(np.array_split(np.arange(len(ids)), files)):
-        table = pa.table(
-            {
-                "id": pa.array([ids[i] for i in index], pa.string()),
-                "label": pa.array((index % 10).astype(np.int32)),
-                "raw_features": pa.array([values[i] for i in index], pa.list_(pa.float32())),
-            }
-        )
-        pq.write_table(table, path / f"part-{part:05d}.parquet", row_group_size=40)
-    return ids
+    cfg = pipeline_config(root, "scoring-test", NAME)
+    with tracking(cfg.tracking_uri):
+        experiment = mlflow.create_experiment("scoring-test", artifact_location=cfg.artifact_location)
+        fitted = scaler()
+        networks = [network(cfg, fitted, seed) for seed in (1, 2)]
+        versions = [register(cfg, net, fitted, experiment) for net in networks]
+        MlflowClient().set_registered_model_alias(NAME, "champion", str(versions[0].version))
+        yield SimpleNamespace(cfg=cfg, scaler=fitted, networks=networks, versions=versions, root=root)
 
 
 def test_registered_versions_and_uri_forms(registry):
@@ -188,13 +112,13 @@ def test_score_parquet_names_a_bad_feature_row(registry, spark, tmp_path, bad_ro
     assert not list(tmp_path.glob("*predictions*"))  # nothing half-written is visible
 
 
-def test_run_score_defaults_to_the_latest_version(registry, spark):
+def test_run_score_defaults_to_the_champion(registry, spark):
     cfg = registry.cfg
     raw = _raw(40, seed=7)
     _write_dataset(cfg.score_input, raw, files=2)
     result = run_score(cfg)
-    assert (result["rows_out"], result["model_version"], result["model_uri"]) == (40, "2", f"models:/{NAME}/latest")
+    assert (result["rows_out"], result["model_version"], result["model_uri"]) == (40, "1", f"models:/{NAME}@champion")
     predictions = pd.read_parquet(cfg.score_output).sort_values("id")
     ids = [f"{i % 10}/{i:04d}.png" for i in range(40)]
-    expected = pd.Series(_expected(registry.networks[1], registry.scaler, raw)[0], index=ids).sort_index()
+    expected = pd.Series(_expected(registry.networks[0], registry.scaler, raw)[0], index=ids).sort_index()
     np.testing.assert_array_equal(predictions["prediction"].to_numpy(), expected.to_numpy())

@@ -1,0 +1,254 @@
+"""The promotion gate: a registered version becomes `champion` only if it beats the current champion on
+the configured metric and survives a smoke test through the real Spark scorer.
+
+Registry aliases only (stages are deprecated): the candidate gets `challenger`; `champion` moves only on
+promotion. Every decision is written as `promotion.*` tags on the candidate version, both metric values
+included, so the registry itself says why a version is (or is not) serving.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import re
+import tempfile
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+from pyspark.sql import SparkSession
+
+from jobs.config import PromoteConf
+from pipelines.errors import DataError
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+TAG_PREFIX = "promotion."
+
+PROMOTED, FORCED, REJECTED, ALREADY_CHAMPION = "promoted", "forced", "rejected", "already_champion"
+SMOKE_PASSED, SMOKE_FAILED, SMOKE_SKIPPED = "passed", "failed", "skipped"
+
+
+class PromotionError(RuntimeError):
+    """The gate cannot decide: the model or version does not exist, or a metric is not logged."""
+
+
+class SmokeTestFailed(RuntimeError):
+    """The candidate could not score sample rows through the Spark scorer; the message says why."""
+
+
+@dataclass(frozen=True)
+class PromotionDecision:
+    """What the gate decided for one candidate, with both metric values and the champion before/after."""
+
+    model_name: str
+    candidate_version: str
+    decision: str  # promoted | forced | rejected | already_champion
+    metric: str
+    mode: str
+    min_delta: float
+    candidate_value: float | None
+    champion_value: float | None
+    champion_version_before: str | None
+    champion_version_after: str | None
+    smoke_test: str  # passed | failed | skipped
+    smoke_rows: int
+    reason: str
+
+    @property
+    def promoted(self) -> bool:
+        return self.decision in (PROMOTED, FORCED)
+
+    def tags(self) -> dict[str, str]:
+        """The decision as model-version tags (strings; a missing value or version is "none")."""
+        text = lambda value: "none" if value is None else str(value)  # noqa: E731
+        return {
+            f"{TAG_PREFIX}decision": self.decision,
+            f"{TAG_PREFIX}metric": self.metric,
+            f"{TAG_PREFIX}mode": self.mode,
+            f"{TAG_PREFIX}min_delta": str(self.min_delta),
+            f"{TAG_PREFIX}candidate_value": text(self.candidate_value),
+            f"{TAG_PREFIX}champion_value": text(self.champion_value),
+            f"{TAG_PREFIX}champion_version_before": text(self.champion_version_before),
+            f"{TAG_PREFIX}smoke_test": self.smoke_test,
+            f"{TAG_PREFIX}reason": self.reason[:4000],
+            f"{TAG_PREFIX}decided_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "promoted": self.promoted}
+
+
+def beats(candidate: float, champion: float, mode: str, min_delta: float) -> bool:
+    """True if `candidate` is better than `champion` by more than `min_delta` in direction `mode`."""
+    if mode == "max":
+        return candidate > champion + min_delta
+    if mode == "min":
+        return candidate < champion - min_delta
+    raise ValueError(f"promotion mode must be 'max' or 'min', got {mode!r}")
+
+
+def metric_of_version(client: MlflowClient, version: ModelVersion, metric: str) -> float:
+    """`metric` as logged on the training run behind a registry version; missing is a PromotionError."""
+    where = f"model '{version.name}' version {version.version}"
+    if not version.run_id:
+        raise PromotionError(f"{where} has no training run, so its metric '{metric}' cannot be read")
+    metrics = client.get_run(version.run_id).data.metrics
+    if metric not in metrics:
+        raise PromotionError(
+            f"metric '{metric}' is not logged on run {version.run_id} ({where}); "
+            f"the run has {sorted(metrics) or 'no metrics'} (check promote.metric)"
+        )
+    return float(metrics[metric])
+
+
+def find_candidate(client: MlflowClient, model_name: str, version: str | None = None) -> ModelVersion:
+    """The version to judge: `version` if given, else the newest version of `model_name`."""
+    try:
+        if version is not None:
+            return client.get_model_version(model_name, str(version))
+        versions = client.search_model_versions(f"name = '{model_name}'")
+    except MlflowException as exc:
+        raise PromotionError(f"registered model '{model_name}' version {version or 'latest'}: {exc.message}") from None
+    if not versions:
+        raise PromotionError(f"registered model '{model_name}' has no versions to promote")
+    return max(versions, key=lambda v: int(v.version))
+
+
+def _one_line(exc: BaseException) -> str:
+    """A short reason from an exception whose text may be a whole (Spark-wrapped) Python traceback."""
+    text = str(exc)
+    raised = re.findall(r"^\s*([A-Za-z_][\w.]*(?:Error|Exception)): (.+)$", text, re.MULTILINE)
+    if raised:
+        kind, message = raised[-1]  # the innermost error a Python worker raised
+        return f"{kind.rsplit('.', 1)[-1]}: {message.strip()}"[:1000]
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    return f"{type(exc).__name__}: {first}"[:1000]
+
+
+@dataclass(frozen=True)
+class SmokeTest:
+    """Score the first `rows` rows (by id) of `test_split` with a model URI through the real Spark scorer.
+
+    The sample and predictions live in a temporary folder under `workdir` (a path the executors can read),
+    which is removed afterwards. `spark` is called only when a smoke test actually runs.
+    """
+
+    spark: Callable[[], SparkSession]
+    test_split: Path
+    rows: int
+    workdir: Path
+    batch_size: int = 1024
+    input_col: str = "raw_features"
+
+    def run(self, model_uri: str) -> int:
+        """Rows scored; raises SmokeTestFailed if scoring fails or the predictions are not one valid row per id."""
+        from pipelines.scoring import score_parquet  # the real scorer, as `dlpipe score` runs it
+
+        if not Path(self.test_split).exists():
+            raise DataError(f"{self.test_split}: no test split to smoke-test the candidate on (run the ETL first)")
+        spark = self.spark()
+        Path(self.workdir).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=".promote-smoke-", dir=self.workdir) as tmp:
+            sample, predictions = Path(tmp) / "sample", Path(tmp) / "predictions"
+            rows = spark.read.parquet(str(self.test_split)).orderBy("id").limit(self.rows)
+            rows.coalesce(1).write.parquet(str(sample))
+            ids = [row.id for row in spark.read.parquet(str(sample)).select("id").collect()]
+            if not ids:
+                raise DataError(f"{self.test_split}: the test split is empty; nothing to smoke-test on")
+            try:
+                score_parquet(spark, model_uri, sample, predictions, input_col=self.input_col, batch_size=self.batch_size)
+            except Exception as exc:  # whatever breaks the scorer breaks the candidate: report it, do not promote
+                reason = _one_line(exc).replace(str(sample), f"{self.rows} rows of {self.test_split}")
+                raise SmokeTestFailed(reason) from exc
+            scored = spark.read.parquet(str(predictions)).select("id", "prediction", "probability").collect()
+        _check_predictions(ids, scored)
+        return len(ids)
+
+
+def _check_predictions(ids: list[str], scored: list) -> None:
+    """One prediction per sampled id, each a class index with a finite probability per class."""
+    if sorted(row.id for row in scored) != sorted(ids):
+        raise SmokeTestFailed(f"{len(ids)} rows sampled but {len(scored)} predictions came back, not one per id")
+    for row in scored:
+        probability = row.probability or []
+        if row.prediction is None or not 0 <= row.prediction < len(probability):
+            raise SmokeTestFailed(f"row id={row.id!r}: prediction {row.prediction} is not a class index")
+        if not all(math.isfinite(p) for p in probability):
+            raise SmokeTestFailed(f"row id={row.id!r}: probabilities are not finite")
+
+
+def promote(
+    client: MlflowClient,
+    model_name: str,
+    conf: PromoteConf,
+    smoke_test: SmokeTest,
+    version: str | None = None,
+    force: bool = False,
+) -> PromotionDecision:
+    """Judge a candidate (default: the newest version): set `challenger`, gate on `conf.metric`, smoke-test,
+    move `champion` if both pass (or if forced and the smoke test passes), and tag the decision."""
+    candidate = find_candidate(client, model_name, version)
+    number = str(candidate.version)
+    aliases = client.get_registered_model(model_name).aliases
+    champion = str(aliases[CHAMPION]) if CHAMPION in aliases else None
+    decided = functools.partial(
+        PromotionDecision, model_name=model_name, candidate_version=number, metric=conf.metric, mode=conf.mode,
+        min_delta=conf.min_delta, champion_version_before=champion,
+    )
+    if champion == number:  # nothing to decide; the tags of the decision that made it champion stay
+        return decided(decision=ALREADY_CHAMPION, candidate_value=None, champion_value=None,
+                       champion_version_after=champion, smoke_test=SMOKE_SKIPPED, smoke_rows=0,
+                       reason=f"version {number} is already {CHAMPION}")
+
+    # Read both metrics before touching any alias: a missing metric leaves the registry as it was.
+    candidate_value = metric_of_version(client, candidate, conf.metric)
+    champion_value = None
+    if champion is not None:
+        try:
+            champion_value = metric_of_version(client, client.get_model_version(model_name, champion), conf.metric)
+        except PromotionError:
+            if not force:
+                raise
+    client.set_registered_model_alias(model_name, CHALLENGER, number)
+
+    passed, reason = _gate(candidate_value, champion_value, champion, conf)
+    smoke, rows = SMOKE_SKIPPED, 0
+    if passed or force:
+        try:
+            rows, smoke = smoke_test.run(f"models:/{model_name}/{number}"), SMOKE_PASSED
+        except SmokeTestFailed as exc:
+            smoke, reason = SMOKE_FAILED, f"smoke test failed: {exc}"
+    if smoke == SMOKE_PASSED:
+        decision, reason = (FORCED, f"forced; {reason}") if force else (PROMOTED, reason)
+        client.set_registered_model_alias(model_name, CHAMPION, number)
+    else:
+        decision = REJECTED
+        reason = f"{reason} (promotion was forced)" if force else reason
+
+    result = decided(
+        decision=decision, candidate_value=candidate_value, champion_value=champion_value,
+        champion_version_after=champion if decision == REJECTED else number, smoke_test=smoke, smoke_rows=rows,
+        reason=reason,
+    )
+    for key, value in result.tags().items():
+        client.set_model_version_tag(model_name, number, key, value)
+    return result
+
+
+def _gate(candidate: float, champion: float | None, champion_version: str | None, conf: PromoteConf) -> tuple[bool, str]:
+    """(passed, reason) of the metric comparison alone."""
+    name = conf.metric
+    if not math.isfinite(candidate):
+        return False, f"candidate {name} is {candidate}, not a finite value"
+    if champion_version is None:
+        return True, f"first model: no {CHAMPION} yet (candidate {name} {candidate:g})"
+    if champion is None:
+        return False, f"{CHAMPION} version {champion_version} has no {name} to compare with"
+    verdict = "beats" if beats(candidate, champion, conf.mode, conf.min_delta) else "does not beat"
+    reason = (f"candidate {name} {candidate:g} {verdict} {CHAMPION} version {champion_version}'s {champion:g} "
+              f"(mode {conf.mode}, min_delta {conf.min_delta:g})")
+    return verdict == "beats", reason

@@ -1,0 +1,124 @@
+"""Scheduled operation: skip when unchanged, rerun after a change, kill safety, the lock, and exit codes."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from jobs.cli import EXIT_LOCKED, EXIT_PROMOTION, EXIT_TRACKING, EXIT_TRAINING
+from jobs.config import load_config
+from jobs.run import run_stages
+from jobs.state import marker_path, pipeline_lock, read_marker
+from test_etl import write_class_folders
+
+DIGITS = Path(__file__).resolve().parents[1] / "conf" / "digits_cnn.yaml"
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory) -> tuple[Path, list[str]]:
+    """A small image folder and overrides pointing the digits config at it and at a fresh run_dir."""
+    root = tmp_path_factory.mktemp("scheduling")
+    write_class_folders(root / "raw", {"a": 14, "b": 14, "c": 14})
+    overrides = [
+        f"source.path={root / 'raw'}", f"run_dir={root / 'run'}", "output.files_per_split=2",
+        "spark.master=local[2]", "model.channels=[4]", "model.hidden=8", "train.epochs=1",
+    ]
+    return root, overrides
+
+
+def dlpipe(*args: str, cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "jobs.cli", *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def finished(process: subprocess.Popen) -> tuple[int, str]:
+    _, err = process.communicate(timeout=600)
+    return process.returncode, err
+
+
+def test_unchanged_stage_is_skipped_and_a_change_reruns_it(pipeline, spark):
+    root, overrides = pipeline
+    cfg = load_config(DIGITS, overrides)
+    first = run_stages(DIGITS, overrides, only="etl")["etl"]
+    again = run_stages(DIGITS, overrides, only="etl")["etl"]
+    assert again == first  # skipped: the marker (and its finish time) is untouched
+
+    reseeded = run_stages(DIGITS, [*overrides, "split.seed=7"], only="etl")["etl"]
+    assert reseeded["fingerprint"] != first["fingerprint"] and reseeded["finished_at"] > first["finished_at"]
+
+    unrelated = run_stages(DIGITS, [*overrides, "split.seed=7", "score.batch_size=7"], only="etl")["etl"]
+    assert unrelated == reseeded  # a section the ETL does not read does not redo it
+
+    write_class_folders(root / "more", {"a": 1})
+    (root / "more" / "a" / "000.png").rename(root / "raw" / "a" / "new.png")
+    grown = run_stages(DIGITS, [*overrides, "split.seed=7"], only="etl")["etl"]
+    assert grown["finished_at"] > reseeded["finished_at"]
+    assert grown["summary"]["counts"]["rows_in"] == first["summary"]["counts"]["rows_in"] + 1
+    assert read_marker(cfg, "etl") == grown
+
+
+def test_rerunning_a_stage_clears_the_markers_after_it(pipeline, spark):
+    _, overrides = pipeline
+    cfg = load_config(DIGITS, overrides)
+    marker_path(cfg, "train").write_text(json.dumps({"fingerprint": "stale", "summary": {}}))
+    run_stages(DIGITS, overrides, only="etl", force=True)
+    assert read_marker(cfg, "etl") is not None
+    assert read_marker(cfg, "train") is None
+
+
+def test_stage_killed_mid_write_is_not_marked_complete_and_is_redone(pipeline, spark):
+    root, overrides = pipeline
+    cfg = load_config(DIGITS, overrides)
+    run_stages(DIGITS, overrides, only="etl", force=True)
+    before = read_marker(cfg, "etl")
+    process = dlpipe("etl", str(DIGITS), *overrides, "split.seed=11", cwd=root)
+    deadline = time.monotonic() + 300
+    while not list(cfg.run_dir.glob(".dataset.tmp-*")):  # Spark is writing the new dataset
+        assert process.poll() is None and time.monotonic() < deadline, "ETL ended before it started writing"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+    assert read_marker(cfg, "etl") is None  # cleared when the stage started, never written: not complete
+    redone = run_stages(DIGITS, overrides, only="etl")["etl"]
+    assert redone["fingerprint"] == before["fingerprint"] and redone["finished_at"] > before["finished_at"]
+    assert not list(cfg.run_dir.glob(".dataset.tmp-*"))  # the killed writer's staging folder is gone
+
+
+def test_second_run_of_the_same_pipeline_is_refused_by_the_lock(pipeline):
+    root, overrides = pipeline
+    with pipeline_lock(load_config(DIGITS, overrides)):
+        code, err = finished(dlpipe("run", str(DIGITS), *overrides, "--only", "etl", cwd=root))
+    assert code == EXIT_LOCKED
+    assert err.strip().splitlines()[-1].startswith("dlpipe: locked: pipeline digits-cnn is already running in")
+
+
+def test_unreachable_tracking_server_fails_fast_with_its_code(pipeline):
+    root, overrides = pipeline
+    started = time.monotonic()
+    code, err = finished(dlpipe("train", str(DIGITS), *overrides, "mlflow.tracking_uri=http://127.0.0.1:9", cwd=root))
+    assert code == EXIT_TRACKING
+    assert "dlpipe: tracking unavailable: MLflow tracking server http://127.0.0.1:9 is unreachable" in err
+    assert time.monotonic() - started < 60  # no training was attempted
+
+
+def test_promoting_a_version_that_does_not_exist_exits_with_the_promotion_code(pipeline):
+    root, overrides = pipeline
+    code, err = finished(dlpipe("promote", str(DIGITS), *overrides, "--version", "42", cwd=root))
+    assert code == EXIT_PROMOTION
+    assert "dlpipe: promotion failed: registered model 'digits-cnn' version 42" in err
+
+
+@pytest.mark.slow
+def test_a_failing_training_rank_exits_with_the_training_code(pipeline, spark):
+    root, overrides = pipeline
+    run_stages(DIGITS, overrides, only="etl")
+    # Three ranks but the train split was written as two files: every rank stops before training.
+    code, err = finished(dlpipe("train", str(DIGITS), *overrides, "train.world_size=3", cwd=root))
+    assert code == EXIT_TRAINING
+    assert "row group" in err and err.strip().splitlines()[-1].startswith("dlpipe: training failed: torchrun exited")
