@@ -6,6 +6,10 @@ import urllib.request
 from pathlib import Path
 from urllib.parse import urlparse
 
+import mlflow
+
+from jobs.config import PipelineConfig
+
 
 class TrackingUnavailable(RuntimeError):
     """The MLflow tracking/registry store is unreachable or unusable."""
@@ -29,3 +33,13 @@ def require_tracking(uri: str, timeout_s: float = 10.0) -> None:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise TrackingUnavailable(f"MLflow sqlite store {uri}: cannot create {folder}: {exc}") from None
+
+
+def use_experiment(cfg: PipelineConfig) -> str:
+    """Point MLflow at the pipeline's store and experiment (created with its artifact location if missing)."""
+    mlflow.set_tracking_uri(cfg.tracking_uri)
+    mlflow.set_registry_uri(cfg.tracking_uri)
+    experiment = mlflow.get_experiment_by_name(cfg.experiment_name)
+    if experiment is None:
+        mlflow.create_experiment(cfg.experiment_name, artifact_location=cfg.artifact_location)
+    return mlflow.set_experiment(cfg.experiment_name).experiment_id

@@ -85,9 +85,21 @@ def test_run_chains_etl_ddp_training_registration_and_scoring(tmp_path):
 
     client = MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
     version = client.get_model_version("digits-cnn", str(result["model_version"]))
+    assert client.get_model_version_by_alias("digits-cnn", "champion").version == version.version
     run = client.get_run(version.run_id)
     assert run.data.metrics["test_accuracy"] == pytest.approx(accuracy)
     assert run.data.params["train.world_size"] == "2"
     artifacts = {a.path for a in client.list_artifacts(version.run_id)}
     assert {"config.yaml", "manifest.json"} <= artifacts
+
+    # Lineage: any prediction row -> model version -> training run -> the raw inputs' content hash.
+    row = predictions.iloc[0]
+    raw_hash = manifest["source"]["content_hash"]
+    scored_with = client.get_model_version(row["model_name"], row["model_version"])
+    assert scored_with.tags["dataset_content_hash"] == raw_hash
+    assert client.get_run(row["model_run_id"]).data.tags["dataset.content_hash"] == raw_hash
+    scoring_runs = client.search_runs([run.info.experiment_id], "tags.`dlpipe.stage` = 'score'")
+    assert [r.data.tags["model.version"] for r in scoring_runs] == [row["model_version"]]
+    assert scoring_runs[0].data.tags["output.path"] == str((run_dir / "predictions").resolve())
+    assert scoring_runs[0].data.metrics["rows_out"] == len(predictions)
     mlflow.set_tracking_uri(None)
