@@ -38,7 +38,7 @@ def _cmd_sample(args: argparse.Namespace) -> None:
     from jobs.sample import SAMPLES
 
     count = SAMPLES[args.name](Path(args.out))
-    print(f"wrote {count} files of sample '{args.name}' to {args.out}")
+    print(f"wrote {count} records of sample '{args.name}' to {args.out}")
 
 
 def _cmd_validate(args: argparse.Namespace) -> None:
@@ -96,6 +96,8 @@ def _cmd_demo(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for `dlpipe` and all its sub-commands."""
+    from jobs.sample import SAMPLES
+
     parser = argparse.ArgumentParser(
         prog="dlpipe",
         description="Spark ETL -> PyTorch DDP training -> MLflow registry -> Spark batch scoring.",
@@ -106,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     sample = commands.add_parser("sample", help="write a packaged data set as raw files (e.g. digits as PNGs)")
-    sample.add_argument("name", choices=["digits"], help="which data set")
+    sample.add_argument("name", choices=sorted(SAMPLES), help="which data set")
     sample.add_argument("--out", required=True, help="folder to write into")
     sample.set_defaults(handler=_cmd_sample)
 

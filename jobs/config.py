@@ -5,6 +5,7 @@ returns is what every stage runs with and what MLflow records.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args
 
@@ -38,7 +39,60 @@ class ImageFolderSource(_Strict):
     max_bad_fraction: float = Field(0.05, ge=0.0, le=1.0)
 
 
-Source = Annotated[Union[ImageFolderSource], Field(discriminator="kind")]
+class ColumnSpec(_Strict):
+    """One declared input column: its type and the values a clean row may hold."""
+
+    name: str = Field(min_length=1)
+    type: Literal["string", "int", "long", "float", "double", "boolean", "date", "timestamp"] = "double"
+    nullable: bool = True
+    allowed: list[str | int | float] | None = None  # the only values a clean row may hold
+    min: float | None = None
+    max: float | None = None
+
+
+_OUTPUT_COLUMNS = ("id", "label", "features", "raw_features", "split", "source_file", "record", "reason")
+
+
+class _FileTableSource(_Strict):
+    """Rows read from CSV / JSON Lines / Parquet files under `path`, checked against the declared `columns`."""
+
+    path: Path
+    sample: str | None = None  # the `dlpipe sample` data set that writes `path` (used by `dlpipe demo`)
+    columns: list[ColumnSpec] = Field(min_length=1)
+    key: str | None = None  # the row key (`id`); default: a hash of the whole record
+    duplicates: Literal["keep_first", "fail"] = "keep_first"  # rows repeating a key: quarantine or fail the job
+    header: bool = True  # CSV only
+    delimiter: str = Field(",", min_length=1, max_length=1)  # CSV only
+    max_bad_fraction: float = Field(0.05, ge=0.0, le=1.0)
+
+    def column(self, name: str | None) -> ColumnSpec | None:
+        return next((c for c in self.columns if c.name == name), None)
+
+    def _check_declared(self, *names: str | None) -> None:
+        declared = [c.name for c in self.columns]
+        if len(set(declared)) != len(declared):
+            raise ValueError(f"source.columns: duplicate column names in {declared}")
+        missing = [name for name in names if name is not None and name not in declared]
+        if missing:
+            raise ValueError(f"source: {', '.join(missing)} not among the declared columns {declared}")
+        taken = [name for name in declared if name in _OUTPUT_COLUMNS and name not in names]
+        if taken:
+            raise ValueError(f"source.columns: {', '.join(taken)} is an output column name; rename it in the input")
+
+
+class TableSource(_FileTableSource):
+    """A table: numeric columns become one `features` vector, string columns categorical indices."""
+
+    kind: Literal["csv", "json", "parquet"]
+    label: str | None = None  # the class column (kept out of the features)
+
+    @model_validator(mode="after")
+    def _roles_are_declared(self) -> "TableSource":
+        self._check_declared(self.key, self.label)
+        return self
+
+
+Source = Annotated[Union[ImageFolderSource, TableSource], Field(discriminator="kind")]
 
 
 class SplitConf(_Strict):
@@ -46,19 +100,33 @@ class SplitConf(_Strict):
     train: float = Field(0.70, gt=0.0, lt=1.0)
     val: float = Field(0.15, gt=0.0, lt=1.0)
     test: float = Field(0.15, gt=0.0, lt=1.0)
+    # ranked: rows ordered by a seeded hash of the key, cut at exact counts (per label when `stratify`);
+    # hash: each row's own hash bucket (no shuffle, stable when rows are added); time: train < val < test in time
+    method: Literal["ranked", "hash", "time"] = "ranked"
     stratify: bool = True
+    time_column: str | None = None  # method time: the date/timestamp column the split cuts
 
     @model_validator(mode="after")
     def _ratios_sum_to_one(self) -> "SplitConf":
         total = self.train + self.val + self.test
         if abs(total - 1.0) > 1e-6:
             raise ValueError(f"split ratios train+val+test must sum to 1, got {total:g}")
+        if (self.method == "time") != (self.time_column is not None):
+            raise ValueError("split.time_column is required with split.method time, and only then")
         return self
 
 
 class NormalizeConf(_Strict):
-    method: Literal["zscore", "minmax"] = "zscore"
+    # robust: (x - median) / IQR; log1p: z-score of sign(x) * log1p(|x|); minmax: onto `minmax_range`
+    method: Literal["zscore", "minmax", "robust", "log1p"] = "zscore"
     per: Literal["channel", "feature"] = "channel"
+    minmax_range: tuple[float, float] = (0.0, 1.0)
+
+    @model_validator(mode="after")
+    def _range_is_increasing(self) -> "NormalizeConf":
+        if self.minmax_range[0] >= self.minmax_range[1]:
+            raise ValueError(f"normalize.minmax_range must be increasing, got {list(self.minmax_range)}")
+        return self
 
 
 class OutputConf(_Strict):
@@ -84,12 +152,44 @@ class OptimizerConf(_Strict):
     weight_decay: float = Field(0.0, ge=0.0)
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     nesterov: bool = False
-    amsgrad: bool = False
+    amsgrad: bool = False  # adam/adamw: the AMSGrad variant
+
+    @model_validator(mode="after")
+    def _options_apply(self) -> "OptimizerConf":
+        if self.nesterov and (self.name != "sgd" or self.momentum == 0):
+            raise ValueError("optimizer.nesterov needs name 'sgd' and momentum > 0")
+        if self.amsgrad and self.name not in ("adam", "adamw"):
+            raise ValueError("optimizer.amsgrad applies to 'adam' and 'adamw' only")
+        return self
+
+
+class SchedulerConf(_Strict):
+    """Learning-rate schedule, stepped once per epoch; `plateau` watches the early-stopping metric."""
+
+    name: Literal["none", "step", "cosine", "plateau"] = "none"
+    step_epochs: PositiveInt = 10  # step: multiply the LR by gamma every step_epochs epochs
+    gamma: float = Field(0.1, gt=0.0, lt=1.0)  # step, plateau: the LR multiplier
+    warmup_epochs: int = Field(0, ge=0)  # cosine: linear warm-up over these epochs, then cosine decay
+    min_lr: float = Field(0.0, ge=0.0)  # cosine, plateau: the floor
+    patience: int = Field(3, ge=0)  # plateau: epochs without improvement before the LR drops
 
 
 class LossConf(_Strict):
-    name: Literal["cross_entropy"] = "cross_entropy"
-    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    name: Literal["cross_entropy", "bce", "focal", "mse", "mae", "huber"] = "cross_entropy"
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)  # cross_entropy
+    class_weights: list[Annotated[float, Field(gt=0.0)]] | None = None  # cross_entropy, focal: one per class
+    focal_gamma: float = Field(2.0, ge=0.0)  # focal: how much easy examples are down-weighted
+    huber_delta: float = Field(1.0, gt=0.0)  # huber: where the loss turns from quadratic to linear
+    l1: float = Field(0.0, ge=0.0)  # + l1 * sum|w| over weight matrices and kernels (not biases, norms)
+    l2: float = Field(0.0, ge=0.0)  # + l2 * sum(w^2) over the same weights
+
+    @model_validator(mode="after")
+    def _options_apply(self) -> "LossConf":
+        if self.label_smoothing and self.name != "cross_entropy":
+            raise ValueError("loss.label_smoothing applies to 'cross_entropy' only")
+        if self.class_weights and self.name not in ("cross_entropy", "focal"):
+            raise ValueError("loss.class_weights applies to 'cross_entropy' and 'focal' only")
+        return self
 
 
 class EarlyStoppingConf(_Strict):
@@ -105,10 +205,22 @@ class TrainConf(_Strict):
     epochs: PositiveInt = 30
     batch_size: PositiveInt = 64
     seed: int = 0
+    loader: Literal["arrow", "petastorm"] = "arrow"  # arrow: equal steps on every rank; petastorm: uneven, joined
+    amp: Literal["off", "bf16", "fp16"] = "off"  # mixed precision on CUDA (fp16 with loss scaling); off on CPU
     grad_clip_norm: float | None = Field(None, gt=0.0)
     optimizer: OptimizerConf = Field(default_factory=OptimizerConf)
+    scheduler: SchedulerConf = Field(default_factory=SchedulerConf)
     loss: LossConf = Field(default_factory=LossConf)
     early_stopping: EarlyStoppingConf = Field(default_factory=EarlyStoppingConf)
+    checkpoint_every_steps: PositiveInt | None = None  # also at every epoch end; mid-epoch needs loader arrow
+    resume: bool = False  # continue from <run_dir>/checkpoints/last.pt (torchrun restarts always do)
+    max_restarts: int = Field(0, ge=0)  # torchrun --max-restarts: relaunch all ranks after a rank dies
+
+    @model_validator(mode="after")
+    def _mid_epoch_checkpoints_need_arrow(self) -> "TrainConf":
+        if self.checkpoint_every_steps and self.loader != "arrow":
+            raise ValueError("train.checkpoint_every_steps needs train.loader 'arrow' (petastorm cannot skip to a step)")
+        return self
 
 
 class MlflowConf(_Strict):
@@ -189,9 +301,43 @@ class PipelineConfig(_Strict):
     def score_output(self) -> Path:
         return self.score.output or self.run_dir / "predictions"
 
+    def loggable(self) -> dict:
+        """The resolved config as plain data with secret-looking values masked: what MLflow and logs see."""
+        return mask_secrets(self.model_dump(mode="json"))
+
+    def as_params(self) -> dict[str, Any]:
+        """The loggable config flattened to MLflow params: {"train.optimizer.lr": 0.002, ...}."""
+        return _flatten(self.loggable())
+
     def to_yaml(self) -> str:
-        """The resolved config as YAML (what stages run with and MLflow records)."""
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        """The resolved config as YAML, secrets masked (what `dlpipe validate` prints and MLflow records)."""
+        return yaml.safe_dump(self.loggable(), sort_keys=False)
+
+
+_SECRET_NAME = re.compile(r"password|passwd|secret|token|api[_.-]?key|access[_.-]?key|credential", re.IGNORECASE)
+_URI_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
+MASK = "***"
+
+
+def mask_secrets(data: Any) -> Any:
+    """A copy with values under secret-looking keys, and credentials inside URIs, replaced by `***`."""
+    if isinstance(data, dict):
+        return {key: MASK if _SECRET_NAME.search(str(key)) else mask_secrets(value) for key, value in data.items()}
+    if isinstance(data, list):
+        return [mask_secrets(value) for value in data]
+    if isinstance(data, str):
+        return _URI_USERINFO.sub(f"{MASK}@", data)
+    return data
+
+
+def _flatten(data: dict, prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -6,7 +6,7 @@ from typing import Callable
 
 import numpy as np
 from PIL import Image
-from sklearn.datasets import load_digits
+from sklearn.datasets import load_breast_cancer, load_digits
 
 from pipelines.atomic import atomic_directory
 
@@ -25,4 +25,19 @@ def write_digits(out_dir: Path) -> int:
     return len(pixels)
 
 
-SAMPLES: dict[str, Callable[[Path], int]] = {"digits": write_digits}
+def write_breast_cancer(out_dir: Path) -> int:
+    """Write sklearn's breast-cancer table as `out_dir/breast_cancer.csv` (id, 30 measurements, diagnosis).
+
+    Returns the number of rows; the diagnosis is `malignant` or `benign`.
+    """
+    data = load_breast_cancer(as_frame=True)
+    table = data.data.rename(columns=lambda name: name.replace(" ", "_"))
+    table.insert(0, "id", range(len(table)))
+    table["diagnosis"] = data.target.map(dict(enumerate(data.target_names)))  # 0 malignant, 1 benign
+    with atomic_directory(Path(out_dir)) as staging:
+        staging.mkdir()
+        table.to_csv(staging / "breast_cancer.csv", index=False)
+    return len(table)
+
+
+SAMPLES: dict[str, Callable[[Path], int]] = {"digits": write_digits, "breast_cancer": write_breast_cancer}

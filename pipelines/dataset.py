@@ -17,7 +17,6 @@ from pyspark.sql import functions as F
 from jobs.config import PipelineConfig
 from pipelines.atomic import atomic_directory
 from pipelines.errors import DataError
-from pipelines.scaling import FittedScaler
 from pipelines.split import SPLITS
 
 MANIFEST_NAME = "manifest.json"
@@ -57,6 +56,19 @@ def content_hash(files: DataFrame, key_col: str, hash_col: str) -> str:
     return digest.hexdigest()
 
 
+def file_content_hash(files: list[Path], root: Path) -> str:
+    """`content_hash` of files on the driver's file system, streamed (bounded memory, no second Spark read)."""
+    digest = hashlib.sha256()
+    for path in sorted(files, key=lambda p: p.relative_to(root).as_posix()):
+        file_digest = hashlib.sha256()
+        with path.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                file_digest.update(chunk)
+        name = path.relative_to(root).as_posix() if path != root else path.name
+        digest.update(f"{name}\t{file_digest.hexdigest()}\n".encode())
+    return digest.hexdigest()
+
+
 def class_names(rows: DataFrame, label_col: str) -> list[str]:
     """The sorted distinct labels: index i of this list is class i."""
     return sorted(row[label_col] for row in rows.select(label_col).distinct().collect())
@@ -69,27 +81,29 @@ def encode_labels(rows: DataFrame, label_col: str, classes: list[str]) -> DataFr
 
 
 def class_balance(rows: DataFrame, classes: list[str]) -> dict[str, dict[str, int]]:
-    """Per split, class name -> row count (rows carry the int `label` and `split`)."""
+    """Per split, class name -> row count (rows carry the int `label` and `split`); unlabelled rows count as ''."""
+    labelled = bool(classes)
     balance: dict[str, dict[str, int]] = {split: {} for split in SPLITS}
-    for row in rows.groupBy("split", "label").count().collect():
-        balance[row["split"]][classes[row["label"]]] = row["count"]
+    for row in rows.groupBy("split", *(["label"] if labelled else [])).count().collect():
+        balance[row["split"]][classes[row["label"]] if labelled else ""] = row["count"]
     return {split: dict(sorted(per_class.items())) for split, per_class in balance.items()}
 
 
-def split_counts(balance: dict[str, dict[str, int]], rows_clean: int) -> dict[str, int]:
-    """Rows per split; raise if a split is empty or the splits do not add up to the clean rows."""
+def split_counts(balance: dict[str, dict[str, int]], rows: int) -> dict[str, int]:
+    """Rows per split; raise if a split is empty or the splits do not add up to `rows`."""
     counts = {split: sum(balance[split].values()) for split in SPLITS}
-    if sum(counts.values()) != rows_clean:
-        raise DataError(f"split counts {counts} do not add up to rows_clean {rows_clean}")
+    if sum(counts.values()) != rows:
+        raise DataError(f"split counts {counts} do not add up to the {rows} rows split")
     empty = [split for split, count in counts.items() if count == 0]
     if empty:
-        raise DataError(f"split(s) {', '.join(empty)} would be empty: {counts} from {rows_clean} clean rows")
+        raise DataError(f"split(s) {', '.join(empty)} would be empty: {counts} from {rows} rows")
     return counts
 
 
-def dataset_columns(rows: DataFrame, keep_raw: bool) -> DataFrame:
-    """The contract's columns in order (`raw_features` only when kept), plus the `split` partition column."""
-    return rows.select("id", "label", "features", *(["raw_features"] if keep_raw else []), "split")
+def dataset_columns(rows: DataFrame, keep_raw: bool, labelled: bool = True, extra: tuple[str, ...] = ()) -> DataFrame:
+    """The contract's columns in order (`label` when labelled, `raw_features` when kept), `extra`, then `split`."""
+    head = ["id", *(["label"] if labelled else []), "features", *(["raw_features"] if keep_raw else [])]
+    return rows.select(*head, *extra, "split")
 
 
 def build_manifest(
@@ -97,11 +111,12 @@ def build_manifest(
     *,
     dataset: DataFrame,
     input_hash: str,
-    feature_shape: tuple[int, int, int],
+    input_files: int,
+    feature_shape: tuple[int, ...],
     classes: list[str],
     counts: dict[str, int],
     balance: dict[str, dict[str, int]],
-    scaler: FittedScaler,
+    preprocessing: dict,
     quarantine_reasons: dict[str, int],
 ) -> dict:
     """The manifest.json content: lineage, schema, shapes, classes, counts and the fitted preprocessing."""
@@ -111,7 +126,7 @@ def build_manifest(
         "source": {
             "kind": cfg.source.kind,
             "path": str(cfg.source.path),
-            "files": counts["rows_in"],
+            "files": input_files,
             "content_hash": input_hash,
         },
         "columns": {field.name: field.dataType.simpleString() for field in dataset.schema if field.name != "split"},
@@ -119,11 +134,7 @@ def build_manifest(
         "classes": classes,
         "counts": counts,
         "class_balance": balance,
-        "preprocessing": {
-            "image_size": list(cfg.source.image_size),
-            "channels": cfg.source.channels,
-            "scaler": scaler.to_dict(),
-        },
+        "preprocessing": preprocessing,
         "split": cfg.split.model_dump(),
         "quarantine_reasons": quarantine_reasons,
     }

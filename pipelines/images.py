@@ -146,26 +146,6 @@ def is_clean() -> Column:
     return F.col("reason").isNull() & F.col("raw_features").isNotNull()
 
 
-def is_quarantined() -> Column:
-    """True for a row that goes to the quarantine."""
-    return F.col("reason").isNotNull()
-
-
 def clean_rows(decoded: DataFrame) -> DataFrame:
     """The decoded images: `id`, `label` (class folder name), `raw_features`."""
     return decoded.where(is_clean()).select("id", "label", "raw_features")
-
-
-def quarantine_rows(decoded: DataFrame) -> DataFrame:
-    """The files that could not become rows: `source_file`, `record` (what could be read), `reason`."""
-    return decoded.where(is_quarantined()).select("source_file", "record", "reason")
-
-
-def count_rows(decoded: DataFrame) -> dict[str, int]:
-    """`rows_in`, `rows_clean`, `rows_quarantined` in one pass; each is counted on its own, so they can disagree."""
-    totals = decoded.agg(
-        F.count(F.lit(1)).alias("rows_in"),
-        F.count_if(is_clean()).alias("rows_clean"),
-        F.count_if(is_quarantined()).alias("rows_quarantined"),
-    ).first()
-    return totals.asDict()

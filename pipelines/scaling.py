@@ -13,10 +13,16 @@ from pyspark.sql import functions as F
 
 from jobs.config import NormalizeConf
 
+ROBUST_ACCURACY = 100_000  # percentile_approx accuracy: relative rank error at most 1/ROBUST_ACCURACY
+
 
 @dataclass(frozen=True)
 class FittedScaler:
-    """`(x - offset[g]) / scale[g]` where g is the statistic group of each array element."""
+    """`(x - offset[g]) / scale[g]` where g is the statistic group of each array element.
+
+    With method `log1p`, x is first replaced by sign(x) * log1p(|x|) (defined for every real x).
+    A missing element (null, or NaN in NumPy) scales to 0: the train mean / median for zscore / robust.
+    """
 
     method: str
     per: str
@@ -36,7 +42,10 @@ class FittedScaler:
         offset = F.array(*[F.lit(v) for v in self.offset])
         scale = F.array(*[F.lit(v) for v in self.scale])
         group = lambda i: F.floor(i / F.lit(self.group_size)).cast("int")  # noqa: E731
-        return F.transform(values, lambda x, i: ((x - offset[group(i)]) / scale[group(i)]).cast("float"))
+        if self.method == "log1p":
+            values = F.transform(values, signed_log1p)
+        scaled = lambda x, i: F.coalesce((x - offset[group(i)]) / scale[group(i)], F.lit(0.0))  # noqa: E731
+        return F.transform(values, lambda x, i: scaled(x, i).cast("float"))
 
     def transform(self, df: DataFrame, input_col: str, output_col: str) -> DataFrame:
         """Add `output_col` = scaled `input_col` to a Spark DataFrame."""
@@ -45,10 +54,31 @@ class FittedScaler:
     def apply(self, values: np.ndarray) -> np.ndarray:
         """Scale a [N, D] NumPy batch exactly as `transform` does (float64 arithmetic, float32 result)."""
         values = np.asarray(values, dtype=np.float64)
+        if self.method == "log1p":
+            values = np.sign(values) * np.log1p(np.abs(values))
         groups = values.reshape(values.shape[0], len(self.offset), self.group_size)
         offset = np.asarray(self.offset)[None, :, None]
         scale = np.asarray(self.scale)[None, :, None]
-        return ((groups - offset) / scale).reshape(values.shape).astype(np.float32)
+        return np.nan_to_num((groups - offset) / scale, nan=0.0).reshape(values.shape).astype(np.float32)
+
+
+def signed_log1p(x: Column) -> Column:
+    """sign(x) * log1p(|x|): log-compresses both tails, 0 stays 0."""
+    return F.signum(x) * F.log1p(F.abs(x))
+
+
+def _statistics(value: Column, conf: NormalizeConf) -> tuple[Column, Column]:
+    """(offset, spread) aggregates of one group's values; the scaled value is (x - offset) / spread."""
+    if conf.method == "robust":
+        quartiles = F.percentile_approx(value, [0.25, 0.5, 0.75], ROBUST_ACCURACY)
+        return quartiles[1], quartiles[2] - quartiles[0]
+    if conf.method == "minmax":
+        low, high = conf.minmax_range
+        spread = (F.max(value) - F.min(value)) / F.lit(high - low)
+        return F.min(value) - F.lit(low) * spread, spread
+    if conf.method == "log1p":
+        value = signed_log1p(value)
+    return F.mean(value), F.stddev_pop(value)
 
 
 def fit_scaler(train: DataFrame, column: str, conf: NormalizeConf, group_size: int) -> FittedScaler:
@@ -56,12 +86,9 @@ def fit_scaler(train: DataFrame, column: str, conf: NormalizeConf, group_size: i
     group_size = 1 if conf.per == "feature" else group_size
     exploded = train.select(F.posexplode(column).alias("pos", "value"))
     by_group = exploded.groupBy(F.floor(F.col("pos") / group_size).cast("int").alias("group"))
-    if conf.method == "zscore":
-        stats = by_group.agg(F.mean("value").alias("offset"), F.stddev_pop("value").alias("spread"))
-    else:
-        stats = by_group.agg(F.min("value").alias("offset"), (F.max("value") - F.min("value")).alias("spread"))
-    rows = sorted(stats.collect(), key=lambda r: r["group"])  # one row per statistic group: tiny
-    if not rows:
+    offset, spread = _statistics(F.col("value"), conf)
+    rows = sorted(by_group.agg(offset.alias("offset"), spread.alias("spread")).collect(), key=lambda r: r["group"])
+    if not rows:  # one row per statistic group: tiny
         raise ValueError(f"cannot fit a scaler on column '{column}': the train split is empty")
     # A constant group (zero spread) would divide by zero: scale it by 1 so it maps to 0, not NaN/Inf.
     scale = tuple(float(r["spread"]) if r["spread"] and r["spread"] > 0 else 1.0 for r in rows)

@@ -1,4 +1,4 @@
-"""Deterministic, seeded, stratified train/val/test split by a hash of each row's key."""
+"""Deterministic train/val/test splits: ranked (exact, stratified) or hash buckets by each row's key, or by time."""
 from __future__ import annotations
 
 from pyspark.sql import Column, DataFrame, Window
@@ -7,6 +7,8 @@ from pyspark.sql import functions as F
 from jobs.config import SplitConf
 
 SPLITS = ("train", "val", "test")
+HASH_BUCKETS = 1 << 20  # a row's hash bucket / HASH_BUCKETS is its uniform draw in [0, 1)
+TIME_CUT_ACCURACY = 100_000  # percentile_approx accuracy of the time cuts
 
 
 def _boundary(rows: Column, fraction: float) -> Column:
@@ -14,19 +16,52 @@ def _boundary(rows: Column, fraction: float) -> Column:
     return F.floor(rows * F.lit(fraction) + F.lit(0.5))
 
 
-def assign_split(df: DataFrame, key_col: str, label_col: str, conf: SplitConf) -> DataFrame:
+def _cut(position: Column, conf: SplitConf, rows: Column | None = None) -> Column:
+    """train / val / test by where `position` falls among the cuts at the configured fractions (of `rows`)."""
+    train, val = (conf.train, conf.train + conf.val)
+    if rows is not None:
+        train, val = _boundary(rows, train), _boundary(rows, val)
+    return F.when(position < train, "train").when(position < val, "val").otherwise("test")
+
+
+def split_rows(df: DataFrame, key_col: str, label_col: str | None, conf: SplitConf) -> DataFrame:
+    """Add `split` by `conf.method`: ranked, hash or time."""
+    if conf.method == "hash":
+        return hash_split(df, key_col, conf)
+    if conf.method == "time":
+        return time_split(df, conf.time_column, conf)
+    return assign_split(df, key_col, label_col, conf)
+
+
+def hash_split(df: DataFrame, key_col: str, conf: SplitConf) -> DataFrame:
+    """Add `split` from each row's own seeded hash bucket: no shuffle, and a row keeps its split when rows are added.
+
+    Split sizes are the configured fractions in expectation (binomial), not exactly.
+    """
+    draw = F.pmod(F.xxhash64(F.lit(conf.seed), F.col(key_col)), F.lit(HASH_BUCKETS)) / F.lit(HASH_BUCKETS)
+    return df.withColumn("split", _cut(draw, conf))
+
+
+def time_split(df: DataFrame, time_col: str, conf: SplitConf) -> DataFrame:
+    """Add `split` by time: every train row is earlier than every val row, every val row earlier than every test row.
+
+    The cuts are the train and train+val quantiles of `time_col` over all rows (one aggregation pass); rows
+    sharing a timestamp share a split, so no series sees a later moment of another in its training data.
+    """
+    micros = F.unix_micros(F.col(time_col).cast("timestamp"))
+    quantiles = F.percentile_approx(micros, [conf.train, conf.train + conf.val], TIME_CUT_ACCURACY)
+    val_from, test_from = df.agg(quantiles.alias("cuts")).first()["cuts"]
+    return df.withColumn("split", F.when(micros < val_from, "train").when(micros < test_from, "val").otherwise("test"))
+
+
+def assign_split(df: DataFrame, key_col: str, label_col: str | None, conf: SplitConf) -> DataFrame:
     """Add `split` (train/val/test): rows ordered by a seeded hash of the key, cut at the configured fractions.
 
     With `stratify` each label is cut on its own, so every class gets its proportions to within one row.
     The order depends only on (seed, key), never on input order or partitioning; keys must be unique.
     """
-    group = [F.col(label_col)] if conf.stratify else []
+    group = [F.col(label_col)] if conf.stratify and label_col else []
     ordered = Window.partitionBy(*group).orderBy(F.xxhash64(F.lit(conf.seed), F.col(key_col)), F.col(key_col))
     position = F.row_number().over(ordered) - 1
     rows = F.count(F.lit(1)).over(Window.partitionBy(*group))
-    split = (
-        F.when(position < _boundary(rows, conf.train), "train")
-        .when(position < _boundary(rows, conf.train + conf.val), "val")
-        .otherwise("test")
-    )
-    return df.withColumn("split", split)
+    return df.withColumn("split", _cut(position, conf, rows))

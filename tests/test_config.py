@@ -86,3 +86,20 @@ def test_missing_file_and_bad_yaml_are_clear(tmp_path):
 def test_malformed_override_is_rejected(text):
     with pytest.raises(ConfigError, match="expected key.sub=value"):
         parse_override(text)
+
+
+def test_secrets_are_masked_in_everything_that_gets_logged():
+    cfg = load_config(DIGITS, [
+        "spark.conf={spark.hadoop.fs.s3a.secret.key: hunter2, spark.hadoop.fs.s3a.access.key: AKIA123, "
+        "spark.executor.cores: '2'}",
+        "mlflow.tracking_uri=https://alice:s3cr3t@mlflow.example.com",
+    ])
+    params = cfg.as_params()
+    assert params["spark.conf.spark.hadoop.fs.s3a.secret.key"] == "***"
+    assert params["spark.conf.spark.hadoop.fs.s3a.access.key"] == "***"
+    assert params["spark.conf.spark.executor.cores"] == "2"
+    assert params["mlflow.tracking_uri"] == "https://***@mlflow.example.com"
+    assert params["train.optimizer.lr"] == 0.002
+    logged = cfg.to_yaml()
+    assert "hunter2" not in logged and "AKIA123" not in logged and "s3cr3t" not in logged
+    assert cfg.tracking_uri == "https://alice:s3cr3t@mlflow.example.com"  # the job itself still has it

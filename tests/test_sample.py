@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from jobs.sample import SAMPLES, write_digits
+from sklearn.datasets import load_breast_cancer
+
+from jobs.sample import SAMPLES, write_breast_cancer, write_digits
 
 
 def test_write_digits_writes_every_image_as_a_grey_png_in_its_class_folder(tmp_path):
@@ -37,5 +40,15 @@ def test_write_digits_is_idempotent_and_replaces_stale_files(tmp_path):
     assert sum(1 for _ in out.rglob("*.png")) == 1797
 
 
-def test_samples_registry_names_the_digits_writer():
-    assert SAMPLES == {"digits": write_digits}
+def test_write_breast_cancer_writes_one_csv_with_id_measurements_and_diagnosis(tmp_path):
+    assert write_breast_cancer(tmp_path / "bc") == 569
+
+    table = pd.read_csv(tmp_path / "bc" / "breast_cancer.csv")
+    assert list(table.columns[:2]) == ["id", "mean_radius"] and table.columns[-1] == "diagnosis"
+    assert table.shape == (569, 32)
+    assert table["diagnosis"].value_counts().to_dict() == {"benign": 357, "malignant": 212}
+    np.testing.assert_allclose(table.iloc[:, 1:31].to_numpy(), load_breast_cancer().data)
+
+
+def test_samples_registry_names_every_writer():
+    assert SAMPLES == {"digits": write_digits, "breast_cancer": write_breast_cancer}

@@ -1,0 +1,134 @@
+"""Table ingest (CSV, JSON Lines, Parquet): every record checked against the declared columns, or a reason.
+
+CSV and JSON are read with every declared column as text (Spark's PERMISSIVE mode keeps lines it cannot
+parse in `_corrupt_record`), then cast here, so a bad value gets a reason naming its column and problem.
+Reasons name the column and the kind of problem, never the value (the value is in `record`), so they group.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from pyspark.sql import Column, DataFrame, SparkSession, Window
+from pyspark.sql import functions as F
+from pyspark.sql.types import StringType, StructField, StructType
+
+from jobs.config import ColumnSpec, TableSource
+from pipelines.errors import DataError
+
+CORRUPT_RECORD = "_corrupt_record"
+NUMERIC_TYPES = ("int", "long", "float", "double")
+DUPLICATE_KEY = "duplicate key: an earlier row has the same key (first kept)"
+_INTEGER_TEXT = r"^\s*[+-]?\d+\s*$"  # Spark's cast truncates "1.5" to 1; an int column must hold an integer
+
+
+def source_files(path: Path) -> list[Path]:
+    """The input files of a source: `path` itself, or the visible files below it (as Spark lists them), sorted."""
+    root = Path(path).resolve()
+    if not root.exists():
+        raise DataError(f"source {root} does not exist (source.path: {path})")
+    hidden = lambda p: any(part.startswith((".", "_")) for part in p.relative_to(root).parts)  # noqa: E731
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file() and not hidden(p))
+    if not files:
+        raise DataError(f"source folder {root} contains no files (source.path: {path})")
+    return files
+
+
+def malformed_reason(kind: str, columns: int) -> str:
+    """The reason for a line the reader could not split into the declared columns."""
+    what = "a CSV line with" if kind == "csv" else "a JSON object of"
+    return f"malformed record: not {what} {columns} columns"
+
+
+def _read(spark: SparkSession, source: TableSource, files: list[Path]) -> DataFrame:
+    paths = [str(f) for f in files]
+    if source.kind == "parquet":
+        df = spark.read.parquet(*paths)
+        missing = [c.name for c in source.columns if c.name not in df.columns]
+        if missing:
+            raise DataError(f"Parquet source {source.path} lacks the declared column(s) {', '.join(missing)}")
+        return df.withColumn(CORRUPT_RECORD, F.lit(None).cast("string"))
+    text = StructType([StructField(c.name, StringType()) for c in source.columns])
+    reader = spark.read.schema(text.add(CORRUPT_RECORD, StringType())).options(
+        mode="PERMISSIVE", columnNameOfCorruptRecord=CORRUPT_RECORD
+    )
+    if source.kind == "csv":
+        return reader.csv(paths, header=source.header, sep=source.delimiter, enforceSchema=False)
+    return reader.json(paths)
+
+
+def _value_problem(spec: ColumnSpec, raw: Column, required: bool) -> Column:
+    """Why this column's value keeps its row out (null when it is fine); the first problem found wins."""
+    typed = raw.cast(spec.type)
+    where = f"column '{spec.name}'"
+    problem = F.when(raw.isNull(), F.lit(f"{where}: missing required value") if required else F.lit(None))
+    wrong_type = typed.isNull()
+    if spec.type in ("int", "long"):
+        wrong_type |= ~raw.cast("string").rlike(_INTEGER_TEXT)
+    problem = problem.when(wrong_type, F.lit(f"{where}: not a valid {spec.type}"))
+    if spec.type in ("float", "double"):
+        problem = problem.when(F.isnan(typed) | (F.abs(typed) == float("inf")), F.lit(f"{where}: NaN or infinite"))
+    if spec.min is not None:
+        problem = problem.when(typed < F.lit(spec.min), F.lit(f"{where}: below the minimum {spec.min:g}"))
+    if spec.max is not None:
+        problem = problem.when(typed > F.lit(spec.max), F.lit(f"{where}: above the maximum {spec.max:g}"))
+    if spec.allowed is not None:
+        allowed = ", ".join(str(v) for v in spec.allowed)
+        problem = problem.when(~typed.isin(*spec.allowed), F.lit(f"{where}: not one of the allowed values [{allowed}]"))
+    return problem
+
+
+def _row_reason(source: TableSource) -> Column:
+    problems = F.concat_ws(
+        "; ", *[_value_problem(c, F.col(c.name), not c.nullable or c.name == source.key) for c in source.columns]
+    )
+    malformed = F.lit(malformed_reason(source.kind, len(source.columns)))
+    return F.when(F.col(CORRUPT_RECORD).isNotNull(), malformed).otherwise(F.nullif(problems, F.lit("")))
+
+
+def _mark_duplicates(checked: DataFrame) -> DataFrame:
+    """Give every clean row whose key an earlier clean row has (input order: file, then position) a reason."""
+    earlier = Window.partitionBy("id", F.col("reason").isNull()).orderBy("source_file", "position")
+    duplicate = F.col("reason").isNull() & (F.row_number().over(earlier) > 1)
+    return checked.withColumn("reason", F.when(duplicate, F.lit(DUPLICATE_KEY)).otherwise(F.col("reason")))
+
+
+def ingest_table(spark: SparkSession, source: TableSource, files: list[Path]) -> DataFrame:
+    """One row per input record: `source_file`, `id` (the key), `record`, `reason` and the other columns, typed."""
+    raw = _read(spark, source, files)
+    record = F.coalesce(F.col(CORRUPT_RECORD), F.to_json(F.struct(*[F.col(c.name) for c in source.columns])))
+    key = F.col(source.key).cast(source.column(source.key).type).cast("string") if source.key else F.sha2(record, 256)
+    checked = raw.select(
+        F.input_file_name().alias("source_file"),
+        F.monotonically_increasing_id().alias("position"),
+        key.alias("id"),
+        record.alias("record"),
+        _row_reason(source).alias("reason"),
+        *[F.col(c.name).cast(c.type).alias(c.name) for c in source.columns if c.name != source.key],
+    )
+    return _mark_duplicates(checked).drop("position")
+
+
+def is_clean() -> Column:
+    """True for a checked row that goes into the dataset."""
+    return F.col("reason").isNull()
+
+
+def check_duplicates(reasons: dict[str, int], source: TableSource) -> None:
+    """Raise when rows repeat a key and the source says duplicates fail the job."""
+    repeated = reasons.get(DUPLICATE_KEY, 0)
+    if repeated and source.duplicates == "fail":
+        raise DataError(f"{repeated} rows repeat an earlier row's key '{source.key or 'record hash'}' "
+                        f"and source.duplicates is 'fail'")
+
+
+def feature_columns(source: TableSource) -> tuple[list[str], list[str]]:
+    """(numeric, categorical) column names besides key and label: numbers form the vector, strings get an index."""
+    roles = [c for c in source.columns if c.name not in (source.key, source.label)]
+    numeric = [c.name for c in roles if c.type in NUMERIC_TYPES]
+    categorical = [c.name for c in roles if c.type == "string"]
+    return numeric, categorical
+
+
+def with_raw_features(rows: DataFrame, numeric: list[str]) -> DataFrame:
+    """Add `raw_features`: the numeric columns as one array<float>, in declared order."""
+    return rows.withColumn("raw_features", F.array(*[F.col(name).cast("float") for name in numeric]))

@@ -1,0 +1,217 @@
+"""The ETL stage on small CSV / JSON Lines / Parquet tables: declared schema, quarantine reasons, leak-free preprocessing."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from jobs.config import PipelineConfig, validate_config
+from jobs.etl import UNKNOWN_CATEGORY, run_etl
+from pipelines.errors import DataError
+from pipelines.scaling import FittedScaler
+from pipelines.tables import DUPLICATE_KEY, ingest_table, malformed_reason, source_files
+
+COLUMNS = [
+    {"name": "id", "type": "int", "nullable": False},
+    {"name": "x", "type": "double", "nullable": False, "min": 0, "max": 100},
+    {"name": "y", "type": "double"},
+    {"name": "color", "type": "string", "nullable": False, "allowed": ["red", "green", "blue"]},
+    {"name": "shape", "type": "string"},
+    {"name": "label", "type": "string", "nullable": False, "allowed": ["a", "b"]},
+]
+HEADER = "id,x,y,color,shape,label"
+COLORS = ("red", "green", "blue")
+# (line, reason): every kind of bad record, each once (the last one has two problems)
+BAD_LINES = [
+    ("41,1.0,2.0,red", malformed_reason("csv", 6)),
+    ('42,5,1,red,"square,a', malformed_reason("csv", 6)),
+    ("43,abc,1,red,square,a", "column 'x': not a valid double"),
+    ("44,150,1,red,square,a", "column 'x': above the maximum 100"),
+    ("45,-1,1,red,square,a", "column 'x': below the minimum 0"),
+    ("46,,1,red,square,a", "column 'x': missing required value"),
+    ("47,NaN,1,red,square,a", "column 'x': NaN or infinite"),
+    ("48,5,Infinity,red,square,a", "column 'y': NaN or infinite"),
+    ("49,5,1,purple,square,a", "column 'color': not one of the allowed values [red, green, blue]"),
+    ("4.5,5,1,red,square,a", "column 'id': not a valid int"),
+    (",5,1,red,square,a", "column 'id': missing required value"),
+    ("3,5,1,red,square,a", DUPLICATE_KEY),
+    ("50,abc,1,pink,,b", "column 'x': not a valid double; column 'color': not one of the allowed values [red, green, blue]"),
+]
+CLEAN = 60
+
+
+def clean_row(i: int) -> dict:
+    shape = "hexagon" if i == 59 else ("circle" if i % 4 else "square")  # id 59: a shape seen once
+    return {"id": i, "x": float(i % 50) * 1.5, "y": float((i * 7) % 11) if i % 10 else None,
+            "color": COLORS[i % 3], "shape": shape, "label": "a" if i % 3 else "b"}
+
+
+def csv_line(row: dict) -> str:
+    return ",".join("" if row[c["name"]] is None else str(row[c["name"]]) for c in COLUMNS)
+
+
+def table_config(path: Path, run_dir: Path, kind: str = "csv", **overrides) -> PipelineConfig:
+    data = {
+        "name": "tables-test",
+        "run_dir": str(run_dir),
+        "source": {"kind": kind, "path": str(path), "columns": COLUMNS, "key": "id", "label": "label",
+                   "max_bad_fraction": 0.25},
+        "split": {"method": "hash", "seed": 3},
+        "normalize": {"method": "zscore", "per": "feature"},
+        "spark": {"master": "local[2]", "driver_memory": "1g", "shuffle_partitions": 4},
+        "output": {"files_per_split": 1},
+        "model": {"kind": "cnn"},
+        "train": {"world_size": 1},
+    }
+    for section, values in overrides.items():
+        data[section] = {**data.get(section, {}), **values}
+    return validate_config(data, "test")
+
+
+@pytest.fixture(scope="module")
+def csv_source(tmp_path_factory) -> Path:
+    """Two CSV files: 50 clean rows, then 10 clean rows mixed with one line of every bad kind."""
+    root = tmp_path_factory.mktemp("csv")
+    rows = [csv_line(clean_row(i)) for i in range(CLEAN)]
+    (root / "part-0.csv").write_text("\n".join([HEADER, *rows[:50]]) + "\n")
+    (root / "part-1.csv").write_text("\n".join([HEADER, *rows[50:], *(line for line, _ in BAD_LINES)]) + "\n")
+    (root / "_SUCCESS").write_text("")  # hidden from the listing, like Spark's own markers
+    return root
+
+
+@pytest.fixture(scope="module")
+def etl(spark, csv_source, tmp_path_factory) -> tuple[PipelineConfig, dict]:
+    """One CSV ETL run shared by the tests that only read its output."""
+    cfg = table_config(csv_source, tmp_path_factory.mktemp("run"))
+    return cfg, run_etl(cfg)
+
+
+def read_split(cfg: PipelineConfig, split: str) -> pa.Table:
+    return pq.read_table(cfg.dataset_dir / f"split={split}")
+
+
+def test_every_bad_record_kind_is_quarantined_with_its_reason_and_counts_reconcile(etl, csv_source):
+    cfg, manifest = etl
+    quarantine = pq.read_table(cfg.quarantine_dir).to_pylist()
+    expected = {}
+    for _, reason in BAD_LINES:
+        expected[reason] = expected.get(reason, 0) + 1
+
+    assert manifest["counts"]["rows_in"] == CLEAN + len(BAD_LINES) == 73
+    assert manifest["counts"]["rows_clean"] == CLEAN
+    assert manifest["counts"]["rows_quarantined"] == len(quarantine) == len(BAD_LINES)
+    assert manifest["quarantine_reasons"] == dict(sorted(expected.items()))
+    assert all(row["source_file"].endswith("part-1.csv") for row in quarantine)
+    by_reason = {row["reason"]: row["record"] for row in quarantine}
+    assert by_reason[malformed_reason("csv", 6)] in {"41,1.0,2.0,red", '42,5,1,red,"square,a'}
+    assert json.loads(by_reason["column 'x': above the maximum 100"]) == {
+        "id": "44", "x": "150", "y": "1", "color": "red", "shape": "square", "label": "a",
+    }
+    assert json.loads(by_reason[DUPLICATE_KEY])["id"] == "3"
+
+
+def test_manifest_describes_the_table_dataset(etl, csv_source):
+    cfg, manifest = etl
+    assert manifest["source"]["kind"] == "csv" and manifest["source"]["files"] == 2
+    assert len(manifest["source"]["content_hash"]) == 64
+    assert manifest["feature_shape"] == [2]
+    assert manifest["classes"] == ["a", "b"]
+    assert manifest["columns"] == {
+        "id": "string", "label": "int", "features": "array<float>", "raw_features": "array<float>",
+        "color_index": "int", "shape_index": "int",
+    }
+    assert manifest["preprocessing"]["numeric_columns"] == ["x", "y"]
+    splits = {s: manifest["counts"][s] for s in ("train", "val", "test")}
+    assert sum(splits.values()) == CLEAN and all(splits.values())
+    assert {s: sum(b.values()) for s, b in manifest["class_balance"].items()} == splits
+
+
+def test_features_are_the_numeric_columns_scaled_with_train_only_statistics(etl):
+    cfg, manifest = etl
+    scaler = FittedScaler.from_dict(manifest["preprocessing"]["scaler"])
+    tables = {s: read_split(cfg, s).to_pydict() for s in ("train", "val", "test")}
+    rows = {str(i): clean_row(i) for i in range(CLEAN)}
+    as_array = lambda rs: np.array([[r["x"], np.nan if r["y"] is None else r["y"]] for r in rs])  # noqa: E731
+    train, every = as_array(rows[k] for k in tables["train"]["id"]), as_array(rows.values())
+
+    # a null y stays null in raw_features, the statistics skip it, and its scaled feature is 0
+    np.testing.assert_allclose(scaler.offset, np.nanmean(train, axis=0), rtol=1e-9)
+    np.testing.assert_allclose(scaler.scale, np.nanstd(train, axis=0), rtol=1e-9)
+    assert not np.allclose(scaler.offset, np.nanmean(every, axis=0))  # val/test would shift it
+    for table in tables.values():
+        for key, raw, features in zip(table["id"], table["raw_features"], table["features"]):
+            assert raw[0] == pytest.approx(rows[key]["x"])
+            assert features[0] == pytest.approx((rows[key]["x"] - scaler.offset[0]) / scaler.scale[0], rel=1e-5)
+            assert (raw[1] is None) == (rows[key]["y"] is None)
+            assert features[1] == (0.0 if raw[1] is None else pytest.approx((raw[1] - scaler.offset[1]) / scaler.scale[1]))
+
+
+def test_categorical_vocabulary_is_fitted_on_train_only(etl):
+    cfg, manifest = etl
+    vocab = manifest["preprocessing"]["categorical"]["shape"]
+    tables = {s: read_split(cfg, s).to_pydict() for s in ("train", "val", "test")}
+    train_shapes = [clean_row(int(k))["shape"] for k in tables["train"]["id"]]
+    counts = {s: train_shapes.count(s) for s in set(train_shapes)}
+
+    assert vocab["tokens"] == [UNKNOWN_CATEGORY, *sorted(counts, key=lambda s: (-counts[s], s))]
+    assert vocab["oov_id"] == 0
+    hexagon_split = next(s for s, t in tables.items() if "59" in t["id"])
+    assert ("hexagon" in vocab["tokens"]) == (hexagon_split == "train")
+    for table in tables.values():
+        for key, index in zip(table["id"], table["shape_index"]):
+            shape = clean_row(int(key))["shape"]
+            assert index == (vocab["tokens"].index(shape) if shape in vocab["tokens"] else 0)
+
+
+def test_json_lines_malformed_wrong_type_and_missing_fields(spark, tmp_path):
+    path = tmp_path / "rows.jsonl"
+    lines = [json.dumps(clean_row(i)) for i in range(5)] + [
+        "{not json",
+        json.dumps({**clean_row(5), "x": {"nested": 1}}),
+        json.dumps({k: v for k, v in clean_row(6).items() if k != "color"}),
+        json.dumps({**clean_row(7), "label": "c"}),
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    cfg = table_config(path, tmp_path / "run", kind="json")
+    checked = ingest_table(spark, cfg.source, source_files(path)).select("id", "reason", "record").collect()
+
+    reasons = sorted((r["reason"] or "") for r in checked)
+    assert reasons == sorted([""] * 5 + [
+        malformed_reason("json", 6),
+        "column 'x': not a valid double",
+        "column 'color': missing required value",
+        "column 'label': not one of the allowed values [a, b]",
+    ])
+    assert next(r["record"] for r in checked if r["reason"] == malformed_reason("json", 6)) == "{not json"
+
+
+def test_parquet_source_is_checked_against_the_declared_types(spark, tmp_path):
+    rows = [clean_row(i) for i in range(4)] + [{**clean_row(4), "x": float("inf")}, {**clean_row(5), "id": None}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "rows.parquet")
+    cfg = table_config(tmp_path / "rows.parquet", tmp_path / "run", kind="parquet")
+    checked = ingest_table(spark, cfg.source, source_files(cfg.source.path)).select("reason").collect()
+
+    assert sorted((r["reason"] or "") for r in checked) == sorted(
+        [""] * 4 + ["column 'x': NaN or infinite", "column 'id': missing required value"]
+    )
+
+
+def test_duplicates_fail_the_job_when_declared(spark, tmp_path):
+    path = tmp_path / "dup.csv"
+    path.write_text("\n".join([HEADER, *(csv_line(clean_row(i)) for i in (0, 1, 2, 1))]) + "\n")
+    cfg = table_config(path, tmp_path / "run", source={"duplicates": "fail"})
+    with pytest.raises(DataError, match="1 rows repeat an earlier row's key 'id' and source.duplicates is 'fail'"):
+        run_etl(cfg)
+
+
+def test_too_many_bad_rows_fail_with_the_fraction(spark, tmp_path):
+    path = tmp_path / "bad.csv"
+    path.write_text("\n".join([HEADER, *(csv_line(clean_row(i)) for i in range(6)), "7,x,1,red,,a", "8,,1,red,,a"]) + "\n")
+    cfg = table_config(path, tmp_path / "run", source={"max_bad_fraction": 0.2})
+    with pytest.raises(DataError, match=r"quarantined fraction 0\.2500 \(2 of 8 rows\)"):
+        run_etl(cfg)
+    assert pq.read_table(cfg.quarantine_dir).num_rows == 2

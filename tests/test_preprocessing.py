@@ -1,0 +1,83 @@
+"""Scaler methods (robust, log1p, minmax ranges), the hash split and the time split, on small in-memory DataFrames."""
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+import numpy as np
+import pytest
+
+from jobs.config import NormalizeConf, SplitConf
+from pipelines.scaling import fit_scaler
+from pipelines.split import hash_split, split_rows
+
+VALUES = np.array([[1.0, -50.0], [2.0, 0.0], [4.0, 3.0], [8.0, 7.0], [100.0, 1.0], [3.0, 2.0], [5.0, 9.0]])
+
+
+@pytest.fixture(scope="module")
+def train(spark):
+    return spark.createDataFrame([(row.tolist(),) for row in VALUES.astype(np.float32)], "raw array<float>")
+
+
+def lower_quantile(column: np.ndarray, q: float) -> float:
+    """percentile_approx's answer on a small column: the smallest value with at least q of the values at or below it."""
+    return float(np.percentile(column, q * 100, method="inverted_cdf"))
+
+
+@pytest.mark.parametrize(
+    "conf, offset, scale",
+    [
+        (NormalizeConf(method="robust", per="feature"),
+         [lower_quantile(c, 0.5) for c in VALUES.T],
+         [lower_quantile(c, 0.75) - lower_quantile(c, 0.25) for c in VALUES.T]),
+        (NormalizeConf(method="log1p", per="feature"),
+         (np.sign(VALUES) * np.log1p(np.abs(VALUES))).mean(axis=0),
+         (np.sign(VALUES) * np.log1p(np.abs(VALUES))).std(axis=0)),
+        (NormalizeConf(method="minmax", per="feature", minmax_range=(-1.0, 1.0)),
+         (VALUES.max(axis=0) + VALUES.min(axis=0)) / 2, (VALUES.max(axis=0) - VALUES.min(axis=0)) / 2),
+        (NormalizeConf(method="minmax", per="feature"), VALUES.min(axis=0), VALUES.max(axis=0) - VALUES.min(axis=0)),
+    ],
+    ids=["robust", "log1p", "minmax-11", "minmax-01"],
+)
+def test_scaler_statistics_and_the_spark_and_numpy_paths_agree(train, conf, offset, scale):
+    scaler = fit_scaler(train, "raw", conf, group_size=1)
+    np.testing.assert_allclose(scaler.offset, offset, rtol=1e-6)
+    np.testing.assert_allclose(scaler.scale, scale, rtol=1e-6)
+
+    spark_scaled = np.array([r["scaled"] for r in scaler.transform(train, "raw", "scaled").collect()])
+    np.testing.assert_allclose(spark_scaled, scaler.apply(VALUES), rtol=1e-5, atol=1e-6)
+    if conf.method == "minmax":
+        low, high = conf.minmax_range
+        np.testing.assert_allclose(spark_scaled.min(axis=0), [low, low], atol=1e-6)
+        np.testing.assert_allclose(spark_scaled.max(axis=0), [high, high], atol=1e-6)
+
+
+def test_hash_split_is_deterministic_and_stable_when_rows_are_added_or_reordered(spark):
+    conf = SplitConf(method="hash", seed=11)
+    first = spark.createDataFrame([(f"k{i}",) for i in range(2000)], "id string").repartition(3)
+    grown = spark.createDataFrame([(f"k{i}",) for i in reversed(range(3000))], "id string").repartition(5)
+
+    before = dict(hash_split(first, "id", conf).collect())
+    after = dict(hash_split(grown, "id", conf).collect())
+
+    assert before == dict(hash_split(first, "id", conf).collect())
+    assert all(after[key] == split for key, split in before.items())
+    sizes = [list(after.values()).count(s) for s in ("train", "val", "test")]
+    assert abs(sizes[0] - 2100) < 90 and abs(sizes[1] - 450) < 70 and abs(sizes[2] - 450) < 70
+    assert dict(hash_split(first, "id", SplitConf(method="hash", seed=12)).collect()) != before
+    assert "Window" not in hash_split(first, "id", conf)._jdf.queryExecution().executedPlan().toString()
+
+
+def test_time_split_has_no_look_ahead_and_keeps_equal_times_together(spark):
+    days = [(f"s{series}-{day}", f"s{series}", datetime(2020, 1, 1) + timedelta(days=day))
+            for series in range(3) for day in range(100)]
+    rows = spark.createDataFrame(days, "id string, series string, at timestamp").repartition(4)
+    conf = SplitConf(method="time", time_column="at")
+
+    split = {r["id"]: r["split"] for r in split_rows(rows, "id", None, conf).collect()}
+    by_split = {s: sorted(at for key, _, at in days if split[key] == s) for s in ("train", "val", "test")}
+
+    assert by_split["train"][-1] < by_split["val"][0] and by_split["val"][-1] < by_split["test"][0]
+    # the cuts are the first days with >= 70% / 85% of the rows at or before them: day 69 (210 rows), day 84 (255)
+    assert [len(v) // 3 for v in by_split.values()] == [69, 15, 16]
+    for key, series, at in days:
+        assert split[key] == split[f"s0-{(at - datetime(2020, 1, 1)).days}"]
