@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import heapq
 import math
-import time
 import warnings
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -157,9 +156,11 @@ def _to_torch(chunk: dict[str, np.ndarray | pa.Array]) -> dict[str, torch.Tensor
 class ArrowLoader:
     """Torch batches (dicts: tensors, plus `id` as a list of str if requested) from one split, this rank's shard.
 
-    Every rank runs `len(loader)` steps per epoch; each row is seen once per epoch by exactly one rank.
-    `wait_seconds` is the cumulative time the consumer spent inside `next()` waiting for a batch.
+    Every rank runs `len(loader)` steps per epoch (`equal_steps`: DDP needs no Join); each row is seen once per
+    epoch by exactly one rank.
     """
+
+    equal_steps = True
 
     def __init__(
         self,
@@ -198,11 +199,11 @@ class ArrowLoader:
                 f"{split_dir}: {len(self.row_groups)} non-empty row group(s) for world_size {world_size}; "
                 f"every rank needs at least one (write at least {world_size} row groups, e.g. more files per split)"
             )
-        self.wait_seconds = 0.0
         self.set_epoch(0)
 
-    def set_epoch(self, epoch: int) -> None:
-        """Choose the epoch: it seeds the row-group shuffle, the rank assignment and the row shuffles."""
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        """Choose the epoch (it seeds the row-group shuffle, the rank assignment and the row shuffles) and the
+        step to start at: a resumed epoch yields exactly the batches an uninterrupted one yields from that step."""
         if epoch < 0:
             raise ValueError(f"epoch must be >= 0, got {epoch}")
         self.epoch = epoch
@@ -215,17 +216,24 @@ class ArrowLoader:
                 f"but every rank must run {self.steps} steps of batch_size {self.batch_size}; "
                 "use a smaller batch size or more, evener row groups"
             )
+        if not 0 <= start_step <= self.steps:
+            raise ValueError(f"start_step must be in 0..{self.steps}, got {start_step}")
         self.shard = shards[self.rank]
         self.num_rows = rows[self.rank]
+        self.start_step = start_step
 
     def __len__(self) -> int:
         return self.steps
 
     def __iter__(self) -> Iterator[dict]:
         shard, sizes, epoch = self.shard, split_rows(self.num_rows, self.steps), self.epoch
+        skip, sizes = sum(sizes[: self.start_step]), sizes[self.start_step :]
+        next_group = 0
+        while next_group < len(shard) and shard[next_group].num_rows <= skip:  # whole row groups already consumed
+            skip -= shard[next_group].num_rows
+            next_group += 1
         pool = ThreadPoolExecutor(max_workers=self.prefetch, thread_name_prefix=THREAD_NAME_PREFIX)
         pending: deque[Future] = deque()
-        next_group = 0
 
         def submit_reads():
             nonlocal next_group
@@ -240,22 +248,18 @@ class ArrowLoader:
         try:
             submit_reads()
             chunk, length, position = None, 0, 0
-            started = time.perf_counter()
             for size in sizes:
                 pieces = []
                 while size:
                     if position == length:
                         future = pending.popleft()
                         chunk = _to_torch(future.result())
-                        length, position = len(next(iter(chunk.values()))), 0
+                        length, position, skip = len(next(iter(chunk.values()))), skip, 0
                         submit_reads()
                     take = min(size, length - position)
                     pieces.append({name: values[position : position + take] for name, values in chunk.items()})
                     position, size = position + take, size - take
-                batch = _join(pieces)
-                self.wait_seconds += time.perf_counter() - started
-                yield batch
-                started = time.perf_counter()
+                yield _join(pieces)
         finally:
             for future in pending:
                 future.cancel()

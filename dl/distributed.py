@@ -46,6 +46,20 @@ def seed_everything(seed: int, rank: int) -> None:
     torch.manual_seed(seed + rank)
 
 
+def restart_count() -> int:
+    """How many times torchrun (`--max-restarts`) has relaunched this job's ranks; 0 on the first attempt."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
+
+
+def all_gather(value: object) -> list:
+    """Every rank's `value` (picklable), in rank order; `[value]` without a process group."""
+    if not dist.is_initialized():
+        return [value]
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum `tensor` in place over all ranks (unchanged without a process group) and return it."""
     if dist.is_initialized():

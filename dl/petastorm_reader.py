@@ -115,3 +115,24 @@ def iter_batches(
             pending_rows -= full
         if pending:
             yield _concat(pending)
+
+
+class PetastormLoader:
+    """This rank's petastorm shard of a split, one epoch per pass; shards can be uneven, so the trainer joins."""
+
+    equal_steps = False
+
+    def __init__(self, path: str | Path, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 shuffle: bool = True):
+        check_shardable(path, world_size)
+        self.path, self.batch_size, self.rank, self.world_size = Path(path), batch_size, rank, world_size
+        self.seed, self.shuffle, self.epoch = seed, shuffle, 0
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        """Choose the epoch (it seeds the shuffle); petastorm's worker pool cannot replay a partial epoch exactly."""
+        if start_step:
+            raise ValueError("petastorm cannot resume mid-epoch; use train.loader=arrow for mid-epoch checkpoints")
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[dict]:
+        return iter_batches(self.path, self.batch_size, self.rank, self.world_size, self.seed + self.epoch, self.shuffle)

@@ -1,33 +1,50 @@
-"""The DDP training loop: sharded epochs under Join, all-reduced validation, early stopping, best restore.
+"""The DDP training loop: per-rank loaders, mixed precision, all-reduced validation, early stopping with best
+restore, and checkpoints that let a restarted job continue mid-epoch exactly.
 
-Every rank runs `fit`; ranks may hold different numbers of batches (petastorm shards by row group), and
-DDP's Join lets a rank that ran out keep answering the others' gradient all-reduces until all are done.
+With the Arrow loader every rank runs the same number of steps. petastorm shards by row group and can leave
+ranks uneven; then DDP's Join lets a rank that ran out keep answering the others' gradient all-reduces.
 """
 from __future__ import annotations
 
 import logging
-import os
 import time
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable, Iterator, Protocol
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.algorithms.join import Join
-from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from dl.distributed import DistContext, all_reduce_sum, is_master
+from dl.arrow_loader import ArrowLoader
+from dl.checkpoint import capture, load_checkpoint, restore, save_checkpoint
+from dl.distributed import DistContext, all_reduce_sum, is_master, restart_count
+from dl.losses import build_loss, weight_penalty
 from dl.metrics import ClassificationMeter
-from dl.petastorm_reader import check_shardable, iter_batches, split_dir
-from jobs.config import EarlyStoppingConf, OptimizerConf, TrainConf
+from dl.optim import build_optimizer, build_scheduler, step_scheduler
+from dl.petastorm_reader import PetastormLoader, check_shardable, split_dir
+from jobs.config import EarlyStoppingConf, TrainConf
 
 log = logging.getLogger("dlpipe.trainer")
 
 SPLITS = ("train", "val", "test")
+LAST, BEST = "last.pt", "best.pt"
+# Slots of a rank's epoch tally: running sums in a float64 tensor, what the epoch-end report is made of.
+LOSS_SUM, SAMPLES, WAIT_S, STEP_S, STEPS = range(5)
+
+
+class Loader(Protocol):
+    """What the trainer needs of a loader: an epoch (and step) to start at, batches, and whether ranks run in step."""
+
+    equal_steps: bool
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None: ...
+
+    def __iter__(self) -> Iterator[dict]: ...
 
 
 @dataclass(frozen=True)
@@ -40,21 +57,6 @@ class FitResult:
     stopped_early: bool
     test_metrics: dict[str, float]
     test_confusion: list[list[int]]
-
-
-def build_optimizer(params, conf: OptimizerConf) -> torch.optim.Optimizer:
-    """The optimizer named by `train.optimizer.name`, with the options that apply to it."""
-    if conf.name == "sgd":
-        return torch.optim.SGD(
-            params, lr=conf.lr, momentum=conf.momentum, nesterov=conf.nesterov, weight_decay=conf.weight_decay
-        )
-    if conf.name == "adam":
-        return torch.optim.Adam(params, lr=conf.lr, weight_decay=conf.weight_decay, amsgrad=conf.amsgrad)
-    if conf.name == "adamw":
-        return torch.optim.AdamW(params, lr=conf.lr, weight_decay=conf.weight_decay, amsgrad=conf.amsgrad)
-    if conf.name == "rmsprop":
-        return torch.optim.RMSprop(params, lr=conf.lr, momentum=conf.momentum, weight_decay=conf.weight_decay)
-    return torch.optim.Adagrad(params, lr=conf.lr, weight_decay=conf.weight_decay)
 
 
 class EarlyStopping:
@@ -84,55 +86,88 @@ class EarlyStopping:
     def should_stop(self) -> bool:
         return self.epochs_without_improvement >= self.conf.patience
 
+    def state_dict(self) -> dict:
+        return {"best": self.best, "best_epoch": self.best_epoch, "bad_epochs": self.epochs_without_improvement}
 
-def save_checkpoint(checkpoint: dict, path: Path) -> None:
-    """Write a checkpoint so that `path` holds the previous one or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(checkpoint, staging)
-    os.replace(staging, path)
+    def load_state_dict(self, state: dict) -> None:
+        self.best, self.best_epoch, self.epochs_without_improvement = state["best"], state["best_epoch"], state["bad_epochs"]
 
 
-def load_checkpoint(path: Path) -> dict:
-    """Read a checkpoint written by `save_checkpoint` (tensors and plain values only) onto the CPU."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+@dataclass(frozen=True)
+class Precision:
+    """The autocast dtype (None: float32) and the gradient scaler (enabled for fp16 only)."""
+
+    dtype: torch.dtype | None
+    scaler: torch.amp.GradScaler
+
+    def autocast(self, device: torch.device):
+        return torch.autocast(device.type, dtype=self.dtype, enabled=self.dtype is not None)
+
+
+def build_precision(amp: str, device: torch.device) -> Precision:
+    """bf16/fp16 autocast when `train.amp` asks for it and the device is CUDA; float32 otherwise."""
+    if amp == "off" or device.type != "cuda":
+        if amp != "off":
+            log.warning("train.amp=%s needs CUDA; training in float32 on %s", amp, device)
+        return Precision(None, torch.amp.GradScaler("cuda", enabled=False))
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    return Precision(dtype, torch.amp.GradScaler("cuda", enabled=amp == "fp16"))
+
+
+def open_loader(conf: TrainConf, path: Path, ctx: DistContext, shuffle: bool) -> Loader:
+    """This rank's shard of one split through the loader named by `train.loader`."""
+    if conf.loader == "petastorm":
+        return PetastormLoader(path, conf.batch_size, ctx.rank, ctx.world_size, conf.seed, shuffle)
+    return ArrowLoader(path, ("features", "label"), conf.batch_size, ctx.rank, ctx.world_size, conf.seed, shuffle)
 
 
 def evaluate(
-    network: nn.Module, path: Path, num_classes: int, batch_size: int, ctx: DistContext
+    network: nn.Module, loader: Loader, num_classes: int, loss_sum: nn.Module, ctx: DistContext
 ) -> tuple[dict[str, float], torch.Tensor]:
-    """(metrics, confusion) of `network` over a whole split: each rank scores its shard, counts are summed."""
+    """(metrics, confusion) over a whole split: each rank scores its shard, counts are summed over ranks.
+
+    `loss_sum` is the training loss with `reduction="sum"`; the reported loss is its mean over the rows.
+    """
     network.eval()
     meter = ClassificationMeter(num_classes, ctx.device)
+    loader.set_epoch(0)
     with torch.no_grad():
-        for batch in iter_batches(path, batch_size, ctx.rank, ctx.world_size, shuffle=False):
+        for batch in loader:
             features, labels = batch["features"].to(ctx.device), batch["label"].to(ctx.device)
             logits = network(features)
-            meter.update(logits, labels, F.cross_entropy(logits, labels, reduction="sum"))
+            meter.update(logits, labels, loss_sum(logits, labels))
     return meter.compute()
 
 
-def train_epoch(model: DistributedDataParallel, optimizer, criterion, path: Path, conf: TrainConf, epoch: int,
-                ctx: DistContext) -> tuple[float, int]:
-    """One pass over this rank's shard under Join; returns (mean loss, samples) over all ranks."""
-    model.train()
-    loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
-    samples = torch.zeros((), dtype=torch.int64, device=ctx.device)
-    batches = iter_batches(path, conf.batch_size, ctx.rank, ctx.world_size, seed=conf.seed + epoch)
-    with warnings.catch_warnings(), Join([model]):  # Join's exit installs a global "once" filter; undo it
-        for batch in batches:
-            features, labels = batch["features"].to(ctx.device), batch["label"].to(ctx.device)
-            optimizer.zero_grad(set_to_none=True)
-            loss = criterion(model(features), labels)
-            loss.backward()
-            if conf.grad_clip_norm:
-                nn.utils.clip_grad_norm_(model.parameters(), conf.grad_clip_norm)
-            optimizer.step()
-            loss_sum += loss.detach().double() * len(labels)
-            samples += len(labels)
-    all_reduce_sum(loss_sum)
-    all_reduce_sum(samples)
-    return float(loss_sum / samples.clamp(min=1)), int(samples)
+def train_step(model: nn.Module, batch: dict, optimizer, criterion: nn.Module, conf: TrainConf,
+               precision: Precision, device: torch.device) -> torch.Tensor:
+    """One optimizer step on one batch (loss + weight penalties, scaled for fp16, clipped); returns the batch loss."""
+    features, labels = batch["features"].to(device, non_blocking=True), batch["label"].to(device, non_blocking=True)
+    optimizer.zero_grad(set_to_none=True)
+    with precision.autocast(device):
+        loss = criterion(model(features), labels)
+    objective = loss.float() + weight_penalty(model, conf.loss.l1, conf.loss.l2)
+    precision.scaler.scale(objective).backward()
+    if conf.grad_clip_norm:
+        precision.scaler.unscale_(optimizer)
+        nn.utils.clip_grad_norm_(model.parameters(), conf.grad_clip_norm)
+    precision.scaler.step(optimizer)
+    precision.scaler.update()
+    return loss.detach()
+
+
+def timed(batches: Iterable[dict], tally: torch.Tensor) -> Iterator[dict]:
+    """Yield `batches`, adding the seconds spent waiting for each to tally[WAIT_S] and whole steps to tally[STEP_S]."""
+    iterator = iter(batches)
+    while True:
+        started = time.perf_counter()
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        tally[WAIT_S] += time.perf_counter() - started
+        yield batch
+        tally[STEP_S] += time.perf_counter() - started
 
 
 def _broadcast_buffers(network: nn.Module) -> None:
@@ -141,57 +176,116 @@ def _broadcast_buffers(network: nn.Module) -> None:
         dist.broadcast(buffer, src=0)
 
 
+def _epoch_report(tally: torch.Tensor, world_size: int) -> dict[str, float]:
+    """Train loss, samples, samples/s and the input-pipeline wait fraction of one epoch, over all ranks."""
+    loss_sum, samples, wait_s, step_s, _ = all_reduce_sum(tally.clone()).tolist()
+    return {
+        "train_loss": loss_sum / max(samples, 1.0),
+        "train_samples": int(samples),
+        "samples_per_s": samples * world_size / max(step_s, 1e-9),
+        "data_wait_fraction": wait_s / max(step_s, 1e-9),
+    }
+
+
+def resumes(conf: TrainConf, checkpoint_dir: Path) -> bool:
+    """True when `fit` will continue from `checkpoint_dir/last.pt`: asked to (`train.resume`) or restarted by torchrun."""
+    return bool(conf.resume or restart_count()) and (checkpoint_dir / LAST).is_file()
+
+
 def fit(
     network: nn.Module,
     conf: TrainConf,
     dataset_dir: Path,
     num_classes: int,
     ctx: DistContext,
-    checkpoint_path: Path,
+    checkpoint_dir: Path,
     log_metrics: Callable[[dict[str, float], int], None] | None = None,
 ) -> FitResult:
     """Train `network` in place with DDP, keep and restore the best epoch's weights, then score the test split.
 
-    Rank 0 writes the best weights to `checkpoint_path` and passes each epoch's metrics to `log_metrics`.
+    Rank 0 writes `best.pt` (best weights) and `last.pt` (the whole training state, every
+    `checkpoint_every_steps` steps and at each epoch end) to `checkpoint_dir`, and passes each epoch's
+    metrics to `log_metrics`. With `conf.resume`, or when torchrun restarted the job, training continues
+    from `last.pt`.
     """
     paths = {split: split_dir(dataset_dir, split) for split in SPLITS}
     for path in paths.values():
         check_shardable(path, ctx.world_size)
+    loaders = {split: open_loader(conf, path, ctx, shuffle=split == "train") for split, path in paths.items()}
     network.to(ctx.device)
-    model = DistributedDataParallel(network, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
-    optimizer = build_optimizer(model.parameters(), conf.optimizer)
-    criterion = nn.CrossEntropyLoss(label_smoothing=conf.loss.label_smoothing)
+    optimizer = build_optimizer(network.parameters(), conf.optimizer)
+    scheduler = build_scheduler(optimizer, conf.scheduler, conf.epochs, conf.early_stopping.mode)
+    precision = build_precision(conf.amp, ctx.device)
+    criterion = build_loss(conf.loss, num_classes).to(ctx.device)
+    loss_sum = build_loss(conf.loss, num_classes, reduction="sum").to(ctx.device)
     stopping = EarlyStopping(conf.early_stopping)
-    best_state: dict[str, torch.Tensor] = {}
-    history: list[dict[str, float]] = []
-    for epoch in range(1, conf.epochs + 1):
-        started = time.perf_counter()
-        train_loss, samples = train_epoch(model, optimizer, criterion, paths["train"], conf, epoch, ctx)
-        train_seconds = time.perf_counter() - started
+    stateful = {"model": network, "optimizer": optimizer, "scheduler": scheduler, "scaler": precision.scaler,
+                "early_stopping": stopping}
+    position = {"epoch": 1, "step": 0, "global_step": 0, "history": [], "best_state": {}}
+    tally = torch.zeros(5, dtype=torch.float64, device=ctx.device)
+    last = checkpoint_dir / LAST
+    if resumes(conf, checkpoint_dir):
+        checkpoint = load_checkpoint(last)
+        if checkpoint["world_size"] != ctx.world_size:
+            raise ValueError(f"{last}: written by {checkpoint['world_size']} ranks, cannot resume on {ctx.world_size}")
+        tally = restore(checkpoint, stateful, ctx.rank)["tally"].to(ctx.device)
+        position = {key: checkpoint[key] for key in position}
+        if is_master():
+            log.info("resuming from %s at epoch %d step %d", last, position["epoch"], position["step"])
+    elif is_master() and last.exists():
+        last.unlink()  # a fresh run must never be resumed into someone else's progress
+    model = DistributedDataParallel(network, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+
+    def checkpoint_training() -> None:
+        state = capture(stateful, {**position, "world_size": ctx.world_size}, {"tally": tally.cpu()})
+        if state is not None:
+            save_checkpoint(state, last)
+
+    train, history = loaders["train"], position["history"]
+    while position["epoch"] <= conf.epochs and not stopping.should_stop:
+        epoch, started = position["epoch"], time.perf_counter()
+        train.set_epoch(epoch, position["step"])
+        model.train()
+        with warnings.catch_warnings(), nullcontext() if train.equal_steps else Join([model]):
+            # (Join's exit installs a global "once" warnings filter; the catch undoes it)
+            for batch in timed(train, tally):
+                loss = train_step(model, batch, optimizer, criterion, conf, precision, ctx.device)
+                tally[LOSS_SUM] += loss.double() * len(batch["label"])  # no .item(): no GPU sync per step
+                tally[SAMPLES] += len(batch["label"])
+                tally[STEPS] += 1
+                position["step"] += 1
+                position["global_step"] += 1
+                if conf.checkpoint_every_steps and position["global_step"] % conf.checkpoint_every_steps == 0:
+                    checkpoint_training()
         _broadcast_buffers(network)
-        val, _ = evaluate(network, paths["val"], num_classes, conf.batch_size, ctx)
-        seconds = time.perf_counter() - started
-        row = {"train_loss": train_loss, **{f"val_{name}": value for name, value in val.items()}}
-        history.append({"epoch": epoch, **row, "train_samples": samples, "seconds": seconds})
+        report = _epoch_report(tally, ctx.world_size)
+        val, _ = evaluate(network, loaders["val"], num_classes, loss_sum, ctx)
+        row = {**report, **{f"val_{name}": value for name, value in val.items()}, "lr": optimizer.param_groups[0]["lr"],
+               "epoch_seconds": time.perf_counter() - started}
+        history.append({"epoch": epoch, **row, "steps": int(tally[STEPS])})
         improved = stopping.update(row[conf.early_stopping.metric], epoch)
+        step_scheduler(scheduler, row[conf.early_stopping.metric])
         if improved:
-            best_state = {name: value.detach().cpu().clone() for name, value in network.state_dict().items()}
+            position["best_state"] = {name: value.detach().cpu().clone() for name, value in network.state_dict().items()}
+        position.update(epoch=epoch + 1, step=0)
+        tally.zero_()
         if is_master():
             if improved:
-                save_checkpoint({"epoch": epoch, "score": stopping.best, "state_dict": best_state}, checkpoint_path)
+                save_checkpoint({"epoch": epoch, "score": stopping.best, "state_dict": position["best_state"]},
+                                checkpoint_dir / BEST)
             if log_metrics is not None:
-                log_metrics({**row, "epoch_seconds": seconds, "samples_per_s": samples / train_seconds}, epoch)
+                log_metrics(row, epoch)
             log.info(
-                "epoch %d/%d train_loss=%.4f val_loss=%.4f val_accuracy=%.4f val_f1_macro=%.4f %.1fs %.0f samples/s%s",
-                epoch, conf.epochs, train_loss, val["loss"], val["accuracy"], val["f1_macro"], seconds,
-                samples / train_seconds, " *" if improved else "",
+                "epoch %d/%d train_loss=%.4f val_loss=%.4f val_accuracy=%.4f val_f1_macro=%.4f lr=%.2g "
+                "%.0f samples/s data_wait=%.0f%%%s", epoch, conf.epochs, row["train_loss"], val["loss"],
+                val["accuracy"], val["f1_macro"], row["lr"], row["samples_per_s"],
+                100 * row["data_wait_fraction"], " *" if improved else "",
             )
-        if stopping.should_stop:
-            if is_master():
-                log.info("early stop: %s has not improved for %d epochs; best epoch %d (%s=%.4f)",
-                         conf.early_stopping.metric, conf.early_stopping.patience, stopping.best_epoch,
-                         conf.early_stopping.metric, stopping.best)
-            break
-    network.load_state_dict(best_state)
-    test, confusion = evaluate(network, paths["test"], num_classes, conf.batch_size, ctx)
+        checkpoint_training()
+    if stopping.should_stop and is_master():
+        log.info("early stop: %s has not improved for %d epochs; best epoch %d (%s=%.4f)",
+                 conf.early_stopping.metric, conf.early_stopping.patience, stopping.best_epoch,
+                 conf.early_stopping.metric, stopping.best)
+    network.load_state_dict(position["best_state"])
+    test, confusion = evaluate(network, loaders["test"], num_classes, loss_sum, ctx)
     return FitResult(history, stopping.best_epoch, stopping.best, stopping.should_stop, test, confusion.tolist())

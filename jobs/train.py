@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
 from contextlib import contextmanager, nullcontext
@@ -18,36 +19,36 @@ import mlflow
 from dl.distributed import distributed, is_master
 from dl.models import build_model
 from dl.serving import log_and_register
-from dl.trainer import fit
+from dl.trainer import fit, resumes
 from jobs.config import ConfigError, PipelineConfig, load_config
 from jobs.stage import configure_logging, stage
+from jobs.tracking import use_experiment
 from pipelines.atomic import write_text_atomic
 from pipelines.dataset import read_manifest
 from pipelines.errors import DataError
 
 log = logging.getLogger("dlpipe.train")
 
-
-def flatten(data: dict, prefix: str = "") -> dict:
-    """Nested mapping -> {"train.optimizer.lr": 0.002, ...}: the resolved config as MLflow params."""
-    flat = {}
-    for key, value in data.items():
-        if isinstance(value, dict) and value:
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
+# torchrun shares its rendezvous store with the workers' process group by default; after a restart the new
+# workers can read the dead workers' gloo/nccl addresses from it and fail to connect (pytorch issue #135712).
+TORCHRUN_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 
 
 @contextmanager
 def tracked_run(cfg: PipelineConfig, manifest: dict) -> Iterator[mlflow.ActiveRun]:
-    """Open the training run (creating the experiment when missing); record config, manifest and lineage."""
-    mlflow.set_tracking_uri(cfg.tracking_uri)
-    if mlflow.get_experiment_by_name(cfg.experiment_name) is None:
-        mlflow.create_experiment(cfg.experiment_name, artifact_location=cfg.artifact_location)
-    mlflow.set_experiment(cfg.experiment_name)
+    """Open the training run (creating the experiment when missing); record config, manifest and lineage.
+
+    A resumed training (`train.resume`, or a torchrun restart) reopens the run it resumes, so one run holds every epoch.
+    """
+    use_experiment(cfg)
+    run_id_file = cfg.checkpoint_dir / "mlflow_run_id"
+    if resumes(cfg.train, cfg.checkpoint_dir) and run_id_file.is_file():
+        with mlflow.start_run(run_id=run_id_file.read_text().strip()) as run:
+            yield run
+        return
     with mlflow.start_run(run_name=f"train-{cfg.name}") as run:
-        mlflow.log_params(flatten(cfg.model_dump(mode="json")))
+        write_text_atomic(run_id_file, run.info.run_id)
+        mlflow.log_params(cfg.as_params())
         mlflow.set_tags({
             "dlpipe.stage": "train",
             "dataset.path": str(cfg.dataset_dir.resolve()),
@@ -66,7 +67,7 @@ def train(cfg: PipelineConfig, manifest: dict) -> None:
         network = build_model(cfg.model, tuple(manifest["feature_shape"]), num_classes)
         with stage("train") as summary, tracked_run(cfg, manifest) if is_master() else nullcontext() as run:
             result = fit(
-                network, cfg.train, cfg.dataset_dir, num_classes, ctx, cfg.checkpoint_dir / "best.pt",
+                network, cfg.train, cfg.dataset_dir, num_classes, ctx, cfg.checkpoint_dir,
                 log_metrics=mlflow.log_metrics,
             )
             if not is_master():
@@ -109,13 +110,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def launch(cfg_path: str | Path, overrides: list[str] | tuple[str, ...] = (), world_size: int = 1) -> int:
-    """Run `jobs.train` on `world_size` local ranks under torchrun; its exit code is non-zero if any rank failed."""
+    """Run `jobs.train` on `world_size` local ranks under torchrun, restarted up to `train.max_restarts` times
+    from the last checkpoint; the exit code is non-zero if a rank failed for good."""
+    restarts = load_config(cfg_path, overrides).train.max_restarts
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world_size}",
-        "-m", "jobs.train", str(cfg_path), *overrides,
+        f"--max-restarts={restarts}", "-m", "jobs.train", str(cfg_path), *overrides,
     ]
     log.info("launching %s", " ".join(command))
-    return subprocess.run(command, check=False).returncode
+    return subprocess.run(command, env={**os.environ, **TORCHRUN_ENV}, check=False).returncode
 
 
 if __name__ == "__main__":

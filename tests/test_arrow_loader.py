@@ -249,16 +249,6 @@ def test_reads_stay_at_most_prefetch_ahead(split, monkeypatch):
     iterator.close()
 
 
-def test_wait_seconds_accumulates(split):
-    split_dir, _ = split
-    loader = ArrowLoader(split_dir, batch_size=16)
-    assert loader.wait_seconds == 0.0
-    list(loader)
-    after_one = loader.wait_seconds
-    list(loader)
-    assert 0.0 < after_one < loader.wait_seconds
-
-
 def test_reader_errors_reach_the_consumer(tmp_path):
     split_dir = tmp_path / "split=train"
     split_dir.mkdir()
@@ -273,3 +263,20 @@ def test_reader_errors_reach_the_consumer(tmp_path):
 def test_split_rows():
     assert split_rows(10, 3) == [4, 3, 3]
     assert split_rows(9, 3) == [3, 3, 3]
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_start_step_resumes_an_epoch_exactly(split, world_size):
+    split_dir, _ = split
+    for rank in range(world_size):
+        loader = ArrowLoader(split_dir, ("id", "features"), batch_size=6, rank=rank, world_size=world_size, seed=4)
+        loader.set_epoch(3)
+        full = list(loader)
+        assert loader.equal_steps and len(full) == len(loader)
+        for start in (1, 2, len(full) // 2, len(full) - 1, len(full)):  # inside and at row-group boundaries
+            loader.set_epoch(3, start_step=start)
+            resumed = list(loader)
+            assert [batch["id"] for batch in resumed] == [batch["id"] for batch in full[start:]]
+            assert all(torch.equal(a["features"], b["features"]) for a, b in zip(resumed, full[start:]))
+    with pytest.raises(ValueError, match="start_step must be in 0.."):
+        loader.set_epoch(0, start_step=len(loader) + 1)

@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -15,13 +17,17 @@ import torch
 import torch.multiprocessing as mp
 import yaml
 from sklearn import metrics as skm
+from torch.nn.parallel import DistributedDataParallel
 
+from dl.arrow_loader import ArrowLoader
+from dl.checkpoint import load_checkpoint
 from dl.distributed import distributed
 from dl.metrics import classification_metrics, confusion_matrix
 from dl.models import build_model
+from dl.optim import build_optimizer
 from dl.petastorm_reader import ShardingError, check_shardable, count_row_groups, iter_batches, split_dir
-from dl.trainer import EarlyStopping, build_optimizer, evaluate, fit, load_checkpoint
-from jobs.config import CnnConf, EarlyStoppingConf, OptimizerConf, TrainConf
+from dl.trainer import STEP_S, WAIT_S, EarlyStopping, build_precision, evaluate, fit, timed, train_step
+from jobs.config import CnnConf, ConfigError, EarlyStoppingConf, TrainConf, validate_config
 
 CLASSES = ["horizontal", "vertical", "diagonal"]
 SHAPE = (1, 8, 8)
@@ -36,6 +42,7 @@ EVEN = {"train": [[30]] * 4, "val": [[12]] * 4, "test": [[12]] * 4}
 # Row groups 50, 4, 50 | 2, 3 -> rank 0 gets 50 + 50 + 3 rows, rank 1 gets 4 + 2: 13 steps against 1.
 UNEVEN = {"train": [[50, 4, 50], [2, 3]], "val": [[12]] * 2, "test": [[20], [3], [1]]}
 RANK_TIMEOUT_S = 120
+SUM_CE = torch.nn.CrossEntropyLoss(reduction="sum")
 
 
 def _image(label: int, rng: np.random.Generator) -> np.ndarray:
@@ -118,6 +125,32 @@ def _train_conf(**overrides) -> TrainConf:
     return TrainConf.model_validate({**conf, **overrides})
 
 
+# DDP equivalence: a model without batch-norm or dropout, SGD with Nesterov momentum, clipping and an L2 penalty
+# (all of which must commute with gradient averaging), STEPS steps of per-rank batch B against one rank with 2B.
+EQUIVALENCE = _train_conf(batch_size=4, grad_clip_norm=1.0, optimizer={"name": "sgd", "lr": 0.1, "nesterov": True},
+                          loss={"l2": 0.001})
+EQUIVALENCE_STEPS = 5
+
+
+def equivalence_training(ctx) -> dict[str, torch.Tensor]:
+    """Train an MLP for EQUIVALENCE_STEPS steps; at step t the ranks together take rows [2B*t, 2B*(t+1))."""
+    generator = torch.Generator().manual_seed(11)
+    rows = 2 * EQUIVALENCE.batch_size
+    features = torch.randn(EQUIVALENCE_STEPS * rows, 64, generator=generator)
+    labels = torch.randint(0, len(CLASSES), (EQUIVALENCE_STEPS * rows,), generator=generator)
+    torch.manual_seed(5)
+    network = torch.nn.Sequential(torch.nn.Linear(64, 16), torch.nn.Tanh(), torch.nn.Linear(16, len(CLASSES)))
+    model = DistributedDataParallel(network)
+    optimizer = build_optimizer(network.parameters(), EQUIVALENCE.optimizer)
+    precision = build_precision("off", ctx.device)
+    per_rank = rows // ctx.world_size
+    for step in range(EQUIVALENCE_STEPS):
+        mine = slice(step * rows + ctx.rank * per_rank, step * rows + (ctx.rank + 1) * per_rank)
+        batch = {"features": features[mine], "label": labels[mine]}
+        train_step(model, batch, optimizer, torch.nn.CrossEntropyLoss(), EQUIVALENCE, precision, ctx.device)
+    return {name: value.detach().clone() for name, value in network.state_dict().items()}
+
+
 def _two_rank_worker(rank: int, world_size: int, port: int, even: Path, uneven: Path, weights: Path, out: Path):
     """Everything the 2-rank tests check, in one process group (spawning ranks costs seconds)."""
     _set_rank_env(rank, world_size, port)
@@ -129,13 +162,15 @@ def _two_rank_worker(rank: int, world_size: int, port: int, even: Path, uneven: 
         }
         network = build_model(MODEL, SHAPE, len(CLASSES))
         network.load_state_dict(torch.load(weights, weights_only=True))
-        test_metrics, confusion = evaluate(network, split_dir(even, "test"), len(CLASSES), 5, ctx)
-        result = fit(network, _train_conf(), uneven, len(CLASSES), ctx, out / "checkpoints" / "best.pt")
-        checksum = sum(float(value.double().sum()) for value in network.state_dict().values())
-    (out / f"rank{rank}.json").write_text(json.dumps({
-        "seen": seen, "test_metrics": test_metrics, "confusion": confusion.tolist(),
-        "history": result.history, "fit_test_metrics": result.test_metrics, "checksum": checksum,
-    }))
+        test_loader = ArrowLoader(split_dir(even, "test"), batch_size=5, rank=rank, world_size=world_size, shuffle=False)
+        test_metrics, confusion = evaluate(network, test_loader, len(CLASSES), SUM_CE, ctx)
+        report = {"seen": seen, "test_metrics": test_metrics, "confusion": confusion.tolist()}
+        for loader in ("petastorm", "arrow"):
+            result = fit(network, _train_conf(loader=loader), uneven, len(CLASSES), ctx, out / loader / "checkpoints")
+            checksum = sum(float(value.double().sum()) for value in network.state_dict().values())
+            report[loader] = {"history": result.history, "test_metrics": result.test_metrics, "checksum": checksum}
+        torch.save(equivalence_training(ctx), out / f"equivalence-rank{rank}.pt")
+    (out / f"rank{rank}.json").write_text(json.dumps(report))
 
 
 @pytest.fixture(scope="module")
@@ -160,23 +195,41 @@ def test_each_training_row_is_read_by_exactly_one_rank_per_epoch(two_ranks, layo
     assert first[0] != first[1], "the row order should change from one epoch to the next"
 
 
-def test_uneven_shards_train_to_the_end_in_step_on_every_rank(two_ranks):
-    first, second = two_ranks["ranks"]
-    assert [len(rank["seen"]["uneven"][0]) for rank in (first, second)] == [103, 6]
+@pytest.mark.parametrize(("loader", "steps"), [("petastorm", [[13, 13], [1, 1]]), ("arrow", [[7, 7], [7, 7]])])
+def test_uneven_shards_train_to_the_end_in_step_on_every_rank(two_ranks, loader, steps):
+    first, second = (rank[loader] for rank in two_ranks["ranks"])
+    if loader == "petastorm":  # petastorm's own shards: 103 rows against 6, joined
+        assert [len(rank["seen"]["uneven"][0]) for rank in two_ranks["ranks"]] == [103, 6]
+    assert [[row["steps"] for row in rank["history"]] for rank in (first, second)] == steps
     assert [row["train_samples"] for row in first["history"]] == [109, 109]
+    assert all(0.0 <= row["data_wait_fraction"] < 1.0 for row in first["history"])
     metric_keys = [key for key in first["history"][0] if key.startswith(("train_loss", "val_"))]
     for mine, theirs in zip(first["history"], second["history"]):
         assert {k: mine[k] for k in metric_keys} == {k: theirs[k] for k in metric_keys}
-    assert first["fit_test_metrics"] == second["fit_test_metrics"]
+    assert first["test_metrics"] == second["test_metrics"]
     assert first["checksum"] == second["checksum"], "ranks must end with identical weights and buffers"
-    assert (two_ranks["tmp"] / "checkpoints" / "best.pt").is_file()
+    assert (two_ranks["tmp"] / loader / "checkpoints" / "best.pt").is_file()
+    assert (two_ranks["tmp"] / loader / "checkpoints" / "last.pt").is_file()
+
+
+def test_two_ranks_with_batch_b_match_one_rank_with_batch_2b(two_ranks):
+    """Gradient averaging over 2 ranks of B rows equals the mean over 2B rows, up to float32 summation order."""
+    with distributed("gloo") as ctx:
+        single = equivalence_training(ctx)
+    ranks = [torch.load(two_ranks["tmp"] / f"equivalence-rank{rank}.pt", weights_only=True) for rank in range(2)]
+    torch.manual_seed(5)
+    assert not torch.allclose(single["0.weight"], torch.nn.Linear(64, 16).weight)  # it trained: not vacuous
+    for name, value in single.items():
+        assert torch.equal(ranks[0][name], ranks[1][name])
+        torch.testing.assert_close(ranks[0][name], value, rtol=1e-5, atol=1e-6)
 
 
 def test_all_reduced_metrics_equal_single_process_metrics(two_ranks):
     network = build_model(MODEL, SHAPE, len(CLASSES))
     network.load_state_dict(torch.load(two_ranks["tmp"] / "weights.pt", weights_only=True))
     with distributed("gloo") as ctx:
-        single, confusion = evaluate(network, split_dir(two_ranks["tmp"] / "even", "test"), len(CLASSES), 7, ctx)
+        loader = ArrowLoader(split_dir(two_ranks["tmp"] / "even", "test"), batch_size=7, shuffle=False)
+        single, confusion = evaluate(network, loader, len(CLASSES), SUM_CE, ctx)
     for rank in two_ranks["ranks"]:
         assert rank["confusion"] == confusion.tolist()
         assert rank["confusion"] != [[0] * 3] * 3
@@ -241,8 +294,9 @@ def test_early_stopping_stops_and_restores_the_best_weights(tmp_path):
     early = {"metric": "val_accuracy", "mode": "max", "patience": 2, "min_delta": 1.5}
     conf = _train_conf(epochs=10, early_stopping=early)
     with distributed("gloo", seed=0) as ctx:
-        result = fit(network, conf, tmp_path, len(CLASSES), ctx, tmp_path / "checkpoints" / "best.pt")
-        restored, _ = evaluate(network, split_dir(tmp_path, "val"), len(CLASSES), 8, ctx)
+        result = fit(network, conf, tmp_path, len(CLASSES), ctx, tmp_path / "checkpoints")
+        loader = ArrowLoader(split_dir(tmp_path, "val"), batch_size=8, shuffle=False)
+        restored, _ = evaluate(network, loader, len(CLASSES), SUM_CE, ctx)
     assert (result.stopped_early, result.best_epoch, len(result.history)) == (True, 1, 3)
     first, last = result.history[0], result.history[-1]
     assert restored["accuracy"] == first["val_accuracy"]
@@ -252,22 +306,42 @@ def test_early_stopping_stops_and_restores_the_best_weights(tmp_path):
     assert checkpoint["epoch"] == 1
     for name, value in network.state_dict().items():
         assert torch.equal(checkpoint["state_dict"][name], value)
+    state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")  # weights_only: RNG states are tensors too
+    assert (state["epoch"], state["step"], state["global_step"]) == (4, 0, 3 * 15)
+    assert state["early_stopping"] == {"best": first["val_accuracy"], "best_epoch": 1, "bad_epochs": 2}
 
 
-@pytest.mark.parametrize(
-    ("options", "expected"),
-    [
-        ({"name": "sgd", "nesterov": True}, (torch.optim.SGD, "nesterov", True)),
-        ({"name": "adam", "amsgrad": True}, (torch.optim.Adam, "amsgrad", True)),
-        ({"name": "adamw", "weight_decay": 0.01}, (torch.optim.AdamW, "weight_decay", 0.01)),
-        ({"name": "rmsprop", "momentum": 0.5}, (torch.optim.RMSprop, "momentum", 0.5)),
-        ({"name": "adagrad", "lr": 0.1}, (torch.optim.Adagrad, "lr", 0.1)),
-    ],
-)
-def test_build_optimizer_applies_the_configured_options(options, expected):
-    optimizer = build_optimizer(torch.nn.Linear(2, 2).parameters(), OptimizerConf.model_validate(options))
-    kind, key, value = expected
-    assert type(optimizer) is kind and optimizer.defaults[key] == value
+def test_resume_continues_a_finished_run_for_more_epochs(tmp_path):
+    write_dataset(tmp_path, EVEN)
+    with distributed("gloo", seed=0) as ctx:
+        torch.manual_seed(0)
+        first = fit(build_model(MODEL, SHAPE, len(CLASSES)), _train_conf(epochs=1), tmp_path, len(CLASSES), ctx,
+                    tmp_path / "checkpoints")
+        torch.manual_seed(1)  # different initial weights: the checkpoint must replace them
+        more = fit(build_model(MODEL, SHAPE, len(CLASSES)), _train_conf(epochs=2, resume=True), tmp_path,
+                   len(CLASSES), ctx, tmp_path / "checkpoints")
+    assert [row["epoch"] for row in more.history] == [1, 2]
+    assert more.history[0] == first.history[0]
+    assert more.history[1]["train_loss"] < first.history[0]["train_loss"]
+
+
+def test_timed_splits_waiting_for_data_from_whole_steps():
+    def slow_batches():
+        for _ in range(3):
+            time.sleep(0.05)
+            yield {}
+
+    tally = torch.zeros(5, dtype=torch.float64)
+    for _ in timed(slow_batches(), tally):
+        time.sleep(0.1)  # the training step
+    wait, step = float(tally[WAIT_S]), float(tally[STEP_S])
+    assert 0.15 <= wait < 0.3 and 0.45 <= step < 0.9 and 0.2 < wait / step < 0.5
+
+
+def test_mid_epoch_checkpoints_need_the_arrow_loader():
+    base = {"name": "x", "run_dir": "r", "source": {"kind": "image_folder", "path": "p"}, "model": {"kind": "cnn"}}
+    with pytest.raises(ConfigError, match="checkpoint_every_steps needs train.loader 'arrow'"):
+        validate_config({**base, "train": {"loader": "petastorm", "checkpoint_every_steps": 10}}, "conf.yaml")
 
 
 def _write_config(tmp_path: Path, **train) -> Path:
@@ -283,20 +357,89 @@ def _write_config(tmp_path: Path, **train) -> Path:
     return path
 
 
-@pytest.mark.slow
-def test_launch_trains_two_ranks_registers_and_writes_the_result(tmp_path):
+def _launch_faulty(config: Path, fault: str, step: int, max_restarts: int) -> subprocess.CompletedProcess:
+    """torchrun 2 ranks of tests/faulty_train.py: rank 1 raises or is SIGKILLed at its `step`-th step, first attempt only."""
+    from jobs.train import TORCHRUN_ENV
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, **TORCHRUN_ENV, "PYTHONPATH": str(root), "DLPIPE_FAULT": fault, "DLPIPE_FAULT_RANK": "1",
+           "DLPIPE_FAULT_STEP": str(step), "DLPIPE_FAULT_MARKER": str(config.parent / f"fault-{fault}")}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+               f"--max-restarts={max_restarts}", str(root / "tests" / "faulty_train.py"), str(config)]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=RANK_TIMEOUT_S, check=False)
+
+
+def _synthetic_run(tmp_path: Path, train_rows: list[list[int]], **train) -> Path:
+    dataset = tmp_path / "run" / "dataset"
+    write_dataset(dataset, {"train": train_rows, "val": [[15]] * 4, "test": [[15]] * 4})
+    write_manifest(dataset)
+    return _write_config(tmp_path, **train)
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory):
+    """The same 2-rank training launched twice: uninterrupted, and with rank 1 SIGKILLed mid-epoch then restarted.
+
+    4 x 60 training rows in batches of 16 per rank: 8 steps an epoch; checkpoints every 3 steps. Rank 1 dies at
+    its 14th step (epoch 2, step 6), so the restart resumes at epoch 2, step 4 (after global step 12).
+    """
     from jobs.train import launch
 
-    dataset = tmp_path / "run" / "dataset"
-    write_dataset(dataset, {"train": [[60]] * 4, "val": [[15]] * 4, "test": [[15]] * 4})
-    write_manifest(dataset)
-    assert launch(_write_config(tmp_path), ["train.seed=1"], world_size=2) == 0
-    result = json.loads((tmp_path / "run" / "train_result.json").read_text())
+    train = {"seed": 1, "checkpoint_every_steps": 3}
+    reference, killed = tmp_path_factory.mktemp("reference"), tmp_path_factory.mktemp("killed")
+    started = time.monotonic()
+    code = launch(_synthetic_run(reference, [[60]] * 4, **train), [], world_size=2)
+    reference_seconds = time.monotonic() - started
+    restarted = _launch_faulty(_synthetic_run(killed, [[60]] * 4, **train), "kill", step=14, max_restarts=1)
+    return {"reference": reference, "code": code, "seconds": reference_seconds, "killed": killed, "restarted": restarted}
+
+
+@pytest.mark.slow
+def test_launch_trains_two_ranks_registers_and_writes_the_result(launched):
+    run = launched["reference"] / "run"
+    assert launched["code"] == 0
+    result = json.loads((run / "train_result.json").read_text())
     assert result["model_name"] == "synthetic"
     assert result["model_uri"] == f"models:/synthetic/{result['model_version']}"
     assert result["run_id"]
     assert result["test_metrics"]["accuracy"] >= 0.8  # chance is 1/3
-    assert (tmp_path / "run" / "checkpoints" / "best.pt").is_file()
+    assert (run / "checkpoints" / "best.pt").is_file()
+
+
+@pytest.mark.slow
+def test_a_rank_killed_mid_epoch_resumes_to_the_same_weights(launched):
+    restarted, run = launched["restarted"], launched["killed"] / "run"
+    assert restarted.returncode == 0, restarted.stderr[-3000:]
+    assert (launched["killed"] / "fault-kill").is_file(), "rank 1 was never killed"
+    assert "resuming from" in restarted.stderr and "at epoch 2 step 4" in restarted.stderr
+    expected = load_checkpoint(launched["reference"] / "run" / "checkpoints" / "last.pt")
+    got = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert (got["epoch"], got["global_step"]) == (expected["epoch"], expected["global_step"])
+    for part in ("model", "best_state"):
+        assert got[part].keys() == expected[part].keys()
+        for name, value in expected[part].items():
+            assert torch.equal(got[part][name], value), f"{part}.{name} differs after the resume"
+    for slot, state in expected["optimizer"]["state"].items():
+        assert all(torch.equal(got["optimizer"]["state"][slot][key], value) for key, value in state.items())
+    assert [row["val_loss"] for row in got["history"]] == [row["val_loss"] for row in expected["history"]]
+    result = json.loads((run / "train_result.json").read_text())
+    assert result["run_id"] == (run / "checkpoints" / "mlflow_run_id").read_text()  # one MLflow run throughout
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{run / 'mlflow.db'}")
+    epochs = sorted(m.step for m in client.get_metric_history(result["run_id"], "data_wait_fraction"))
+    assert epochs == list(range(1, len(expected["history"]) + 1))
+
+
+@pytest.mark.slow
+def test_an_exception_on_one_rank_fails_the_launch_promptly_with_its_message(tmp_path):
+    config = _synthetic_run(tmp_path, [[30]] * 4)
+    started = time.monotonic()
+    failed = _launch_faulty(config, "raise", step=3, max_restarts=0)
+    assert failed.returncode != 0
+    assert time.monotonic() - started < 60
+    assert "RuntimeError: injected failure on rank 1 at step 3" in failed.stderr
+    assert not (tmp_path / "run" / "train_result.json").exists()
 
 
 def test_launch_fails_promptly_when_a_rank_fails(tmp_path, capfd):
