@@ -68,6 +68,11 @@ class _FileTableSource(_Strict):
     def column(self, name: str | None) -> ColumnSpec | None:
         return next((c for c in self.columns if c.name == name), None)
 
+    @property
+    def key_columns(self) -> tuple[str, ...]:
+        """The columns whose values form the row key `id` (none: a hash of the whole record)."""
+        return (self.key,) if self.key else ()
+
     def _check_declared(self, *names: str | None) -> None:
         declared = [c.name for c in self.columns]
         if len(set(declared)) != len(declared):
@@ -86,13 +91,95 @@ class TableSource(_FileTableSource):
     kind: Literal["csv", "json", "parquet"]
     label: str | None = None  # the class column (kept out of the features)
 
+    @property
+    def file_format(self) -> str:
+        return self.kind
+
     @model_validator(mode="after")
     def _roles_are_declared(self) -> "TableSource":
         self._check_declared(self.key, self.label)
         return self
 
 
-Source = Annotated[Union[ImageFolderSource, TableSource], Field(discriminator="kind")]
+class WindowConf(_Strict):
+    """Sliding windows over each series: `length` input steps, then `horizon` target steps; a new one every `stride`."""
+
+    length: PositiveInt = 14
+    horizon: PositiveInt = 1
+    stride: PositiveInt = 1
+
+
+_NUMERIC = ("int", "long", "float", "double")
+
+
+class TimeSeriesSource(_FileTableSource):
+    """CSV / JSON Lines rows, one time step of one series each; windows of consecutive steps become the examples."""
+
+    kind: Literal["timeseries"]
+    format: Literal["csv", "json"] = "csv"
+    time_column: str  # a date or timestamp column; with series_key, (series, time) is the row key
+    series_key: str | None = None  # the column naming the series a row belongs to (none: one series)
+    inputs: list[str] | None = None  # the numeric columns of each step (default: all besides time and series key)
+    target: str  # the numeric column to forecast; must be one of the inputs
+    window: WindowConf = Field(default_factory=WindowConf)
+    baseline_lags: PositiveInt = 14  # the ridge baseline regresses on the last this-many target values
+
+    @property
+    def file_format(self) -> str:
+        return self.format
+
+    @property
+    def key_columns(self) -> tuple[str, ...]:
+        return (self.series_key, self.time_column) if self.series_key else (self.time_column,)
+
+    @property
+    def input_columns(self) -> list[str]:
+        roles = (self.time_column, self.series_key)
+        return self.inputs or [c.name for c in self.columns if c.name not in roles and c.type in _NUMERIC]
+
+    @model_validator(mode="after")
+    def _roles_are_declared(self) -> "TimeSeriesSource":
+        self._check_declared(self.time_column, self.series_key, self.target, *(self.inputs or []))
+        if self.key is not None:
+            raise ValueError("source.key: time series rows are keyed by series_key and time_column")
+        if self.column(self.time_column).type not in ("date", "timestamp"):
+            raise ValueError(f"source.time_column '{self.time_column}' must be declared as a date or timestamp")
+        not_numeric = [n for n in self.input_columns if self.column(n).type not in _NUMERIC]
+        if not_numeric or not self.input_columns:
+            raise ValueError(f"source.inputs must be numeric columns, got {not_numeric or 'none'}")
+        if self.target not in self.input_columns:
+            raise ValueError(f"source.target '{self.target}' must be one of the inputs {self.input_columns}")
+        if self.baseline_lags > self.window.length:
+            raise ValueError(f"source.baseline_lags {self.baseline_lags} exceeds window.length {self.window.length}")
+        return self
+
+
+class TextSource(_FileTableSource):
+    """CSV / JSON Lines rows with a text column (tokenized, indexed by a train-only vocabulary) and a label."""
+
+    kind: Literal["text"]
+    format: Literal["csv", "json"] = "csv"
+    text_column: str
+    label: str | None = None  # the class column
+    token_pattern: str = r"\W+"  # RegexTokenizer: the pattern between tokens
+    lowercase: bool = True
+    max_length: PositiveInt = 64  # token ids per row: longer texts are cut, shorter ones padded with PAD (0)
+    vocab_size: int = Field(20_000, ge=3)  # including PAD (0) and OOV (1)
+    min_count: PositiveInt = 1  # a token needs this many occurrences in the train split to get an id
+
+    @property
+    def file_format(self) -> str:
+        return self.format
+
+    @model_validator(mode="after")
+    def _roles_are_declared(self) -> "TextSource":
+        self._check_declared(self.key, self.label, self.text_column)
+        if self.column(self.text_column).type != "string":
+            raise ValueError(f"source.text_column '{self.text_column}' must be declared as a string")
+        return self
+
+
+Source = Annotated[Union[ImageFolderSource, TableSource, TimeSeriesSource, TextSource], Field(discriminator="kind")]
 
 
 class SplitConf(_Strict):
@@ -132,6 +219,9 @@ class NormalizeConf(_Strict):
 class OutputConf(_Strict):
     files_per_split: PositiveInt = 4
     keep_raw: bool = True
+    # Parquet row-group target (parquet.block.size, in bytes of buffered rows): 64 MiB reads fast with Arrow
+    # while leaving several row groups per file on large data (ranks shard by row group)
+    row_group_bytes: int = Field(64 * 1024 * 1024, ge=1024)
 
 
 class CnnConf(_Strict):
@@ -143,7 +233,29 @@ class CnnConf(_Strict):
     hidden: PositiveInt = 128
 
 
-Model = Annotated[Union[CnnConf], Field(discriminator="kind")]
+class MlpConf(_Strict):
+    """Feed-forward network on tabular vectors: one logit per class (classification) or `outputs` values (regression)."""
+
+    kind: Literal["mlp"]
+    task: Literal["classification", "regression"] = "classification"
+    hidden: list[PositiveInt] = Field(default_factory=lambda: [64, 32])
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    batch_norm: bool = False
+    outputs: PositiveInt = 1  # regression: values per row (the width of the dataset's `target` column)
+
+
+class AutoencoderConf(_Strict):
+    """Dense autoencoder for anomaly detection: the anomaly score is a row's reconstruction error (MSE over features)."""
+
+    kind: Literal["autoencoder"]
+    encoder: list[PositiveInt] = Field(default_factory=lambda: [16])  # hidden sizes; the decoder mirrors them
+    bottleneck: PositiveInt = 8
+    activation: Literal["relu", "tanh", "gelu"] = "relu"
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    batch_norm: bool = False
+
+
+Model = Annotated[Union[CnnConf, MlpConf, AutoencoderConf], Field(discriminator="kind")]
 
 
 class OptimizerConf(_Strict):
@@ -193,10 +305,26 @@ class LossConf(_Strict):
 
 
 class EarlyStoppingConf(_Strict):
-    metric: Literal["val_accuracy", "val_loss", "val_f1_macro"] = "val_accuracy"
-    mode: Literal["max", "min"] = "max"
+    # a validation metric of the model's task (val_accuracy, val_loss, val_mae, val_auroc, ...); default: the task's
+    metric: str | None = Field(None, pattern=r"^val_[a-z0-9_]+$")
+    mode: Literal["max", "min"] | None = None  # default: the task's direction for `metric`
     patience: PositiveInt = 5
     min_delta: float = Field(0.0, ge=0.0)
+
+
+class AnomalyConf(_Strict):
+    """Anomaly detection: which class is normal, which rows fit the model, how the threshold is calibrated on val."""
+
+    normal_label: str | None = None  # class name of the normal rows (the others are anomalies); None: every row normal
+    fit_on: Literal["normal", "all"] = "all"  # rows the loss sees; val/test metrics always use every row
+    threshold: Literal["quantile", "best_f1"] = "quantile"  # quantile of normal val scores, or best F1 on val labels
+    quantile: float = Field(0.95, gt=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _labels_where_needed(self) -> "AnomalyConf":
+        if self.normal_label is None and (self.fit_on == "normal" or self.threshold == "best_f1"):
+            raise ValueError("train.anomaly.fit_on 'normal' and threshold 'best_f1' need train.anomaly.normal_label")
+        return self
 
 
 class TrainConf(_Strict):
@@ -212,6 +340,7 @@ class TrainConf(_Strict):
     scheduler: SchedulerConf = Field(default_factory=SchedulerConf)
     loss: LossConf = Field(default_factory=LossConf)
     early_stopping: EarlyStoppingConf = Field(default_factory=EarlyStoppingConf)
+    anomaly: AnomalyConf = Field(default_factory=AnomalyConf)  # model.kind autoencoder
     checkpoint_every_steps: PositiveInt | None = None  # also at every epoch end; mid-epoch needs loader arrow
     resume: bool = False  # continue from <run_dir>/checkpoints/last.pt (torchrun restarts always do)
     max_restarts: int = Field(0, ge=0)  # torchrun --max-restarts: relaunch all ranks after a rank dies
@@ -229,11 +358,20 @@ class MlflowConf(_Strict):
     registered_model: str | None = None  # default: the pipeline name
 
 
+class DriftConf(_Strict):
+    """Drift check before scoring: PSI of each input feature against the training split's distribution."""
+
+    action: Literal["warn", "fail", "off"] = "warn"
+    threshold: float = Field(0.25, gt=0.0)  # PSI above 0.25 is the usual "major shift" line
+    sample_rows: PositiveInt = 100_000  # the check bins a random sample of about this many input rows
+
+
 class ScoreConf(_Strict):
     model_uri: str | None = None  # default: models:/<registered_model>@champion
     input: Path | None = None  # default: the test split of this pipeline's dataset
     output: Path | None = None  # default: <run_dir>/predictions
     batch_size: PositiveInt = 1024
+    drift: DriftConf = Field(default_factory=DriftConf)
 
 
 class PromoteConf(_Strict):
@@ -260,6 +398,21 @@ class PipelineConfig(_Strict):
     mlflow: MlflowConf = Field(default_factory=MlflowConf)
     score: ScoreConf = Field(default_factory=ScoreConf)
     promote: PromoteConf = Field(default_factory=PromoteConf)
+    # when set, every path above must lie inside one of these folders (after `..` and symlinks are resolved)
+    roots: list[Path] | None = Field(None, min_length=1)
+
+    @model_validator(mode="after")
+    def _paths_inside_roots(self) -> "PipelineConfig":
+        if self.roots is None:
+            return self
+        roots = [root.resolve() for root in self.roots]
+        paths = {"run_dir": self.run_dir, "source.path": self.source.path, "score.input": self.score.input,
+                 "score.output": self.score.output}
+        for key, path in paths.items():
+            if path is not None and not any(path.resolve().is_relative_to(root) for root in roots):
+                raise ValueError(f"'{key}': {path} resolves to {path.resolve()}, outside the declared roots "
+                                 f"{[str(root) for root in roots]}")
+        return self
 
     @property
     def dataset_dir(self) -> Path:

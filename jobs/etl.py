@@ -1,15 +1,19 @@
 """ETL recipe: source -> checked rows + quarantine -> deterministic split -> preprocessing fitted on train -> Parquet.
 
-One recipe per source family (image folders, tables); they share the quarantine bookkeeping and the writer.
+One recipe per source family (image folders, tables, time series, text); they share the quarantine bookkeeping,
+the split, the fitted preprocessing, the quality report and the writer.
 """
 from __future__ import annotations
+
+from pathlib import Path
 
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from jobs.config import PipelineConfig
 from jobs.stage import stage
-from pipelines import images, tables
+from pipelines import images, tables, text
+from pipelines.baselines import forecast_baselines
 from pipelines.dataset import (
     build_manifest,
     check_counts,
@@ -24,11 +28,15 @@ from pipelines.dataset import (
     write_dataset,
     write_quarantine,
 )
+from pipelines.errors import DataError
+from pipelines.quality import quality_report
 from pipelines.quarantine import count_rows, quarantine_rows
+from pipelines.drift import fit_reference
 from pipelines.scaling import fit_scaler
 from pipelines.spark import spark_session
 from pipelines.split import SPLITS, split_rows
 from pipelines.vocabulary import fit_vocabulary
+from pipelines.windows import sliding_windows
 
 UNKNOWN_CATEGORY = "<unknown>"  # id 0 of every categorical vocabulary: values not seen in train
 
@@ -36,7 +44,8 @@ UNKNOWN_CATEGORY = "<unknown>"  # id 0 of every categorical vocabulary: values n
 def run_etl(cfg: PipelineConfig) -> dict:
     """Run the ETL stage for `cfg` and return the manifest it wrote next to the dataset."""
     spark = spark_session(cfg.spark, f"{cfg.name}-etl")
-    recipe = _image_etl if cfg.source.kind == "image_folder" else _table_etl
+    recipes = {"image_folder": _image_etl, "timeseries": _timeseries_etl, "text": _text_etl}
+    recipe = recipes.get(cfg.source.kind, _table_etl)
     with stage("etl") as summary:
         manifest = recipe(spark, cfg)
         summary.update({key: manifest["counts"][key] for key in ("rows_in", "rows_clean", "rows_quarantined", *SPLITS)})
@@ -56,6 +65,8 @@ def _image_etl(spark: SparkSession, cfg: PipelineConfig) -> dict:
         preprocessing = {"image_size": list(cfg.source.image_size), "channels": channels, "scaler": scaler.to_dict()}
         return _write(
             cfg, dataset, rows, counts, reasons, classes,
+            quality=quality_report(rows, [], classes),
+            split_total=counts["rows_clean"],
             input_hash=content_hash(decoded, "id", "content_sha256"),
             input_files=counts["rows_in"],
             feature_shape=(channels, height, width),
@@ -74,11 +85,7 @@ def _table_etl(spark: SparkSession, cfg: PipelineConfig) -> dict:
         tables.check_duplicates(reasons, source)
         numeric, categorical = tables.feature_columns(source)
         clean = tables.with_raw_features(checked.where(tables.is_clean()), numeric)
-        classes: list[str] = []
-        if source.label:
-            clean = clean.withColumn("label", F.col(source.label).cast("string"))
-            classes = class_names(clean, "label")
-            clean = encode_labels(clean, "label", classes)
+        clean, classes = _encoded_labels(clean, source.label)
         rows = split_rows(clean, "id", "label" if classes else None, cfg.split)
         train = _train(rows)
         scaler = fit_scaler(train, "raw_features", cfg.normalize, group_size=1)
@@ -95,12 +102,89 @@ def _table_etl(spark: SparkSession, cfg: PipelineConfig) -> dict:
             "scaler": scaler.to_dict(),
             "categorical": {name: v.to_dict() for name, v in vocabularies.items()},
         }
-        root = source.path.resolve() if source.path.is_dir() else source.path.resolve().parent
         return _write(
             cfg, dataset, rows, counts, reasons, classes,
-            input_hash=file_content_hash(files, root),
+            quality=quality_report(rows, _quality_columns(source), classes),
+            split_total=counts["rows_clean"],
+            input_hash=file_content_hash(files, _source_root(source)),
             input_files=len(files),
             feature_shape=(len(numeric),),
+            preprocessing=preprocessing,
+        )
+    finally:
+        checked.unpersist()
+
+
+def _timeseries_etl(spark: SparkSession, cfg: PipelineConfig) -> dict:
+    source, window = cfg.source, cfg.source.window
+    if cfg.split.method != "time" or cfg.split.time_column != source.time_column:
+        raise DataError(f"a time series needs split.method time with split.time_column '{source.time_column}'")
+    files = tables.source_files(source.path)
+    checked = tables.ingest_table(spark, source, files).persist()
+    try:
+        counts, reasons = _quarantine(checked, tables.is_clean(), cfg)
+        tables.check_duplicates(reasons, source)
+        inputs = source.input_columns
+        steps = split_rows(tables.with_raw_features(checked.where(tables.is_clean()), inputs), "id", None, cfg.split)
+        scaler = fit_scaler(_train(steps), "raw_features", cfg.normalize, group_size=1)
+        scaled = scaler.transform(steps, "raw_features", "features")
+        windows = sliding_windows(scaled, window, source.time_column, source.series_key, source.target)
+        dataset = dataset_columns(windows, cfg.output.keep_raw, labelled=False, extra=("target",))
+        preprocessing = {
+            "inputs": inputs,
+            "target": source.target,
+            "target_index": inputs.index(source.target),
+            "time_column": source.time_column,
+            "series_key": source.series_key,
+            "window": window.model_dump(),
+            "scaler": scaler.to_dict(),
+        }
+        baselines = lambda written: {  # noqa: E731
+            "baselines": forecast_baselines(written, len(inputs), inputs.index(source.target), source.baseline_lags)
+        }
+        return _write(
+            cfg, dataset, windows, counts, reasons, [],
+            quality=quality_report(steps, _quality_columns(source), []),
+            split_total=None,  # the dataset rows are windows, not the clean steps
+            describe_written=baselines if cfg.output.keep_raw else None,
+            input_hash=file_content_hash(files, _source_root(source)),
+            input_files=len(files),
+            feature_shape=(window.length, len(inputs)),
+            preprocessing=preprocessing,
+        )
+    finally:
+        checked.unpersist()
+
+
+def _text_etl(spark: SparkSession, cfg: PipelineConfig) -> dict:
+    source = cfg.source
+    files = tables.source_files(source.path)
+    checked = text.tokenize(tables.ingest_table(spark, source, files), source).persist()
+    try:
+        counts, reasons = _quarantine(checked, tables.is_clean(), cfg)
+        tables.check_duplicates(reasons, source)
+        clean, classes = _encoded_labels(checked.where(tables.is_clean()), source.label)
+        clean = clean.withColumn("text", F.col(source.text_column))
+        rows = split_rows(clean, "id", "label" if classes else None, cfg.split)
+        vocabulary = text.fit_text_vocabulary(_train(rows), source)
+        indexed = text.token_ids(rows, vocabulary, source.max_length)
+        keep_raw = cfg.output.keep_raw
+        dataset = dataset_columns(indexed, keep_raw, bool(classes), features=("tokens", "length"), raw="text")
+        preprocessing = {
+            "text_column": source.text_column,
+            "token_pattern": source.token_pattern,
+            "lowercase": source.lowercase,
+            "max_length": source.max_length,
+            "pad_id": text.PAD_ID,
+            "vocabulary": vocabulary.to_dict(),
+        }
+        return _write(
+            cfg, dataset, rows, counts, reasons, classes,
+            quality=quality_report(indexed, [*_quality_columns(source), "length"], classes),
+            split_total=counts["rows_clean"],
+            input_hash=file_content_hash(files, _source_root(source)),
+            input_files=len(files),
+            feature_shape=(source.max_length,),
             preprocessing=preprocessing,
         )
     finally:
@@ -116,18 +200,43 @@ def _quarantine(checked: DataFrame, is_clean: Column, cfg: PipelineConfig) -> tu
     return counts, quarantine_reasons(quarantined)
 
 
+def _encoded_labels(clean: DataFrame, label_col: str | None) -> tuple[DataFrame, list[str]]:
+    """(rows with the int `label` of `label_col`, class names); unchanged rows and no classes without a label."""
+    if not label_col:
+        return clean, []
+    clean = clean.withColumn("label", F.col(label_col).cast("string"))
+    classes = class_names(clean, "label")
+    return encode_labels(clean, "label", classes), classes
+
+
 def _train(rows: DataFrame) -> DataFrame:
     """The train split: the only rows any preprocessing is fitted on."""
     return rows.where(F.col("split") == "train")
 
 
-def _write(cfg, dataset, rows, counts, reasons, classes, **manifest_fields) -> dict:
-    """Count the splits, build the manifest and write the dataset with it; returns the manifest."""
-    balance = class_balance(rows, classes)
-    counts = counts | split_counts(balance, counts["rows_clean"])
+def _quality_columns(source: tables.FileSource) -> list[str]:
+    """The declared columns the quality report describes: all but a single key column (it is `id`)."""
+    return [c.name for c in source.columns if c.name != source.key]
+
+
+def _source_root(source: tables.FileSource) -> Path:
+    """The folder input paths are hashed relative to: the source folder, or a single file's parent."""
+    return source.path.resolve() if source.path.is_dir() else source.path.resolve().parent
+
+
+def _write(cfg, dataset, examples, counts, reasons, classes, *, quality, split_total, describe_written=None,
+           **manifest_fields) -> dict:
+    """Count the dataset rows (`examples`) per split, build the manifest and write the dataset with it.
+
+    The splits must add up to `split_total` (None: no check); returns the manifest as written.
+    """
+    balance = class_balance(examples, classes)
+    counts = counts | split_counts(balance, split_total)
     manifest = build_manifest(
         cfg, dataset=dataset, classes=classes, counts=counts, balance=balance, quarantine_reasons=reasons,
         **manifest_fields,
     )
-    write_dataset(dataset, cfg.dataset_dir, manifest, cfg.output.files_per_split, cfg.train.world_size)
-    return manifest
+    if "raw_features" in dataset.columns:  # what the scorer sees: drift is checked against its train distribution
+        manifest["reference_distribution"] = fit_reference(_train(dataset), "raw_features")
+    world_size = cfg.train.world_size
+    return write_dataset(dataset, cfg.dataset_dir, manifest, quality, cfg.output, world_size, describe_written)

@@ -5,8 +5,10 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import pandas as pd
 from PIL import Image
 from sklearn.datasets import load_breast_cancer, load_digits
+from vega_datasets import local_data
 
 from pipelines.atomic import atomic_directory
 
@@ -40,4 +42,48 @@ def write_breast_cancer(out_dir: Path) -> int:
     return len(table)
 
 
-SAMPLES: dict[str, Callable[[Path], int]] = {"digits": write_digits, "breast_cancer": write_breast_cancer}
+def write_seattle_weather(out_dir: Path) -> int:
+    """Write vega_datasets' Seattle daily weather (2012-2015) as `out_dir/seattle_weather.csv`; return the row count."""
+    table = local_data.seattle_weather()
+    table["date"] = table["date"].dt.strftime("%Y-%m-%d")
+    with atomic_directory(Path(out_dir)) as staging:
+        staging.mkdir()
+        table.to_csv(staging / "seattle_weather.csv", index=False)
+    return len(table)
+
+
+TEXT_TOPICS = {  # topic -> (subjects, verbs, objects): sentences are "<subject> <verb> <object>" plus a coda
+    "sports": (["the striker", "our goalkeeper", "the home team", "a young sprinter", "the coach"],
+               ["scored against", "trained with", "celebrated beating", "lost the final to", "passed the ball to"],
+               ["the league champions", "a rival club", "the national squad", "the visitors", "the defenders"]),
+    "weather": (["heavy rain", "a cold front", "the morning fog", "strong wind", "a summer storm"],
+                ["swept across", "lingered over", "flooded", "cooled down", "moved toward"],
+                ["the coast", "the valley", "the northern hills", "the city centre", "the harbour"]),
+    "cooking": (["the chef", "my grandmother", "a home cook", "the baker", "our kitchen team"],
+                ["roasted", "seasoned", "simmered", "baked", "sliced"],
+                ["fresh vegetables", "a garlic sauce", "the sourdough loaf", "spiced lentils", "ripe tomatoes"]),
+}
+TEXT_CODAS = ["", " today", " again this week", " before noon", " as expected"]
+
+
+def write_text_corpus(out_dir: Path, per_topic: int = 150, seed: int = 0) -> int:
+    """Write a labelled corpus of template sentences as `out_dir/texts.csv` (id, text, topic); return the row count."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for topic, parts in TEXT_TOPICS.items():
+        for _ in range(per_topic):
+            subject, verb, obj = (part[rng.integers(len(part))] for part in parts)
+            text = f"{subject} {verb} {obj}{TEXT_CODAS[rng.integers(len(TEXT_CODAS))]}."
+            rows.append({"id": len(rows), "text": text[0].upper() + text[1:], "topic": topic})
+    with atomic_directory(Path(out_dir)) as staging:
+        staging.mkdir()
+        pd.DataFrame(rows).to_csv(staging / "texts.csv", index=False)
+    return len(rows)
+
+
+SAMPLES: dict[str, Callable[[Path], int]] = {
+    "digits": write_digits,
+    "breast_cancer": write_breast_cancer,
+    "seattle_weather": write_seattle_weather,
+    "text": write_text_corpus,
+}

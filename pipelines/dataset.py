@@ -9,14 +9,16 @@ import json
 from datetime import datetime, timezone
 from functools import reduce
 from pathlib import Path
+from typing import Callable
 
 import pyarrow.parquet as pq
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
-from jobs.config import PipelineConfig
+from jobs.config import OutputConf, PipelineConfig
 from pipelines.atomic import atomic_directory
 from pipelines.errors import DataError
+from pipelines.quality import QUALITY_NAME
 from pipelines.split import SPLITS
 
 MANIFEST_NAME = "manifest.json"
@@ -89,10 +91,10 @@ def class_balance(rows: DataFrame, classes: list[str]) -> dict[str, dict[str, in
     return {split: dict(sorted(per_class.items())) for split, per_class in balance.items()}
 
 
-def split_counts(balance: dict[str, dict[str, int]], rows: int) -> dict[str, int]:
-    """Rows per split; raise if a split is empty or the splits do not add up to `rows`."""
+def split_counts(balance: dict[str, dict[str, int]], rows: int | None) -> dict[str, int]:
+    """Rows per split; raise if a split is empty or the splits do not add up to `rows` (when given)."""
     counts = {split: sum(balance[split].values()) for split in SPLITS}
-    if sum(counts.values()) != rows:
+    if rows is not None and sum(counts.values()) != rows:
         raise DataError(f"split counts {counts} do not add up to the {rows} rows split")
     empty = [split for split, count in counts.items() if count == 0]
     if empty:
@@ -100,9 +102,16 @@ def split_counts(balance: dict[str, dict[str, int]], rows: int) -> dict[str, int
     return counts
 
 
-def dataset_columns(rows: DataFrame, keep_raw: bool, labelled: bool = True, extra: tuple[str, ...] = ()) -> DataFrame:
-    """The contract's columns in order (`label` when labelled, `raw_features` when kept), `extra`, then `split`."""
-    head = ["id", *(["label"] if labelled else []), "features", *(["raw_features"] if keep_raw else [])]
+def dataset_columns(
+    rows: DataFrame,
+    keep_raw: bool,
+    labelled: bool = True,
+    extra: tuple[str, ...] = (),
+    features: tuple[str, ...] = ("features",),
+    raw: str = "raw_features",
+) -> DataFrame:
+    """The contract's columns in order: `id`, `label` when labelled, `features`, `raw` when kept, `extra`, `split`."""
+    head = ["id", *(["label"] if labelled else []), *features, *([raw] if keep_raw else [])]
     return rows.select(*head, *extra, "split")
 
 
@@ -144,22 +153,36 @@ def _row_groups(split_dir: Path) -> int:
     return sum(pq.ParquetFile(path).num_row_groups for path in split_dir.glob("*.parquet"))
 
 
-def write_dataset(dataset: DataFrame, out_dir: Path, manifest: dict, files_per_split: int, world_size: int) -> None:
-    """Write `files_per_split` Parquet files per split plus manifest.json, replacing `out_dir` atomically.
+def write_dataset(
+    dataset: DataFrame,
+    out_dir: Path,
+    manifest: dict,
+    quality: dict,
+    output: OutputConf,
+    world_size: int,
+    describe_written: Callable[[Path], dict] | None = None,
+) -> dict:
+    """Write `output.files_per_split` Parquet files per split, manifest.json and quality.json, replacing `out_dir`
+    atomically; returns the manifest, with the fields `describe_written(written folder)` adds (e.g. baselines).
 
     Raises DataError (leaving any previous dataset in place) when the train split has fewer row groups than
     `world_size`: petastorm shards row groups across ranks.
     """
-    per_split = [dataset.where(F.col("split") == split).repartition(files_per_split) for split in SPLITS]
+    per_split = [dataset.where(F.col("split") == split).repartition(output.files_per_split) for split in SPLITS]
+    writer = reduce(DataFrame.unionByName, per_split).write.option("parquet.block.size", output.row_group_bytes)
     with atomic_directory(out_dir) as staging:
-        reduce(DataFrame.unionByName, per_split).write.partitionBy("split").parquet(str(staging))
+        writer.partitionBy("split").parquet(str(staging))
         train_row_groups = _row_groups(staging / "split=train")
         if train_row_groups < world_size:
             raise DataError(
                 f"the train split has {train_row_groups} Parquet row groups but train.world_size is {world_size} "
                 f"(each rank reads whole row groups): raise output.files_per_split or add training data"
             )
+        if describe_written:
+            manifest = manifest | describe_written(staging)
+        (staging / QUALITY_NAME).write_text(json.dumps(quality, indent=2) + "\n")
         (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
 
 
 def read_manifest(dataset_dir: Path) -> dict:

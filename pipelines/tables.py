@@ -1,5 +1,7 @@
 """Table ingest (CSV, JSON Lines, Parquet): every record checked against the declared columns, or a reason.
 
+Shared by every file source with declared columns (tables, time series, text).
+
 CSV and JSON are read with every declared column as text (Spark's PERMISSIVE mode keeps lines it cannot
 parse in `_corrupt_record`), then cast here, so a bad value gets a reason naming its column and problem.
 Reasons name the column and the kind of problem, never the value (the value is in `record`), so they group.
@@ -12,13 +14,14 @@ from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 from pyspark.sql.types import StringType, StructField, StructType
 
-from jobs.config import ColumnSpec, TableSource
+from jobs.config import ColumnSpec, TableSource, TextSource, TimeSeriesSource
 from pipelines.errors import DataError
 
 CORRUPT_RECORD = "_corrupt_record"
 NUMERIC_TYPES = ("int", "long", "float", "double")
 DUPLICATE_KEY = "duplicate key: an earlier row has the same key (first kept)"
 _INTEGER_TEXT = r"^\s*[+-]?\d+\s*$"  # Spark's cast truncates "1.5" to 1; an int column must hold an integer
+_BLANK_LINE = r"^[\x00-\x20]*$"  # what Java's String.trim() removes: CSV skips such lines
 
 
 def source_files(path: Path) -> list[Path]:
@@ -39,9 +42,12 @@ def malformed_reason(kind: str, columns: int) -> str:
     return f"malformed record: not {what} {columns} columns"
 
 
-def _read(spark: SparkSession, source: TableSource, files: list[Path]) -> DataFrame:
+FileSource = TableSource | TimeSeriesSource | TextSource
+
+
+def _read(spark: SparkSession, source: FileSource, files: list[Path]) -> DataFrame:
     paths = [str(f) for f in files]
-    if source.kind == "parquet":
+    if source.file_format == "parquet":
         df = spark.read.parquet(*paths)
         missing = [c.name for c in source.columns if c.name not in df.columns]
         if missing:
@@ -51,9 +57,23 @@ def _read(spark: SparkSession, source: TableSource, files: list[Path]) -> DataFr
     reader = spark.read.schema(text.add(CORRUPT_RECORD, StringType())).options(
         mode="PERMISSIVE", columnNameOfCorruptRecord=CORRUPT_RECORD
     )
-    if source.kind == "csv":
+    if source.file_format == "csv":
         return reader.csv(paths, header=source.header, sep=source.delimiter, enforceSchema=False)
-    return reader.json(paths)
+    return _read_json_lines(spark, text, paths)
+
+
+def _read_json_lines(spark: SparkSession, text: StructType, paths: list[str]) -> DataFrame:
+    """One row per non-blank line; a line that is not one JSON object (an array too) keeps its text in `_corrupt_record`.
+
+    Spark's JSON reader turns a top-level array into one row per element (none for `[]`), so lines are read as
+    text and parsed here. Blank lines (whitespace and control characters only) are not records, as for CSV.
+    """
+    options = {"mode": "PERMISSIVE", "columnNameOfCorruptRecord": CORRUPT_RECORD}
+    lines = spark.read.text(paths).where(~F.col("value").rlike(_BLANK_LINE))
+    parsed = lines.select(F.from_json("value", text, options).alias("row"), F.col("value"))
+    return parsed.select(*[F.col(f"row.{c.name}").alias(c.name) for c in text.fields if c.name != CORRUPT_RECORD],
+                         F.when(F.col(f"row.{CORRUPT_RECORD}").isNotNull() | F.col("row").isNull(), F.col("value"))
+                         .alias(CORRUPT_RECORD))
 
 
 def _value_problem(spec: ColumnSpec, raw: Column, required: bool) -> Column:
@@ -77,11 +97,10 @@ def _value_problem(spec: ColumnSpec, raw: Column, required: bool) -> Column:
     return problem
 
 
-def _row_reason(source: TableSource) -> Column:
-    problems = F.concat_ws(
-        "; ", *[_value_problem(c, F.col(c.name), not c.nullable or c.name == source.key) for c in source.columns]
-    )
-    malformed = F.lit(malformed_reason(source.kind, len(source.columns)))
+def _row_reason(source: FileSource) -> Column:
+    required = lambda c: not c.nullable or c.name in source.key_columns  # noqa: E731
+    problems = F.concat_ws("; ", *[_value_problem(c, F.col(c.name), required(c)) for c in source.columns])
+    malformed = F.lit(malformed_reason(source.file_format, len(source.columns)))
     return F.when(F.col(CORRUPT_RECORD).isNotNull(), malformed).otherwise(F.nullif(problems, F.lit("")))
 
 
@@ -92,11 +111,21 @@ def _mark_duplicates(checked: DataFrame) -> DataFrame:
     return checked.withColumn("reason", F.when(duplicate, F.lit(DUPLICATE_KEY)).otherwise(F.col("reason")))
 
 
-def ingest_table(spark: SparkSession, source: TableSource, files: list[Path]) -> DataFrame:
-    """One row per input record: `source_file`, `id` (the key), `record`, `reason` and the other columns, typed."""
+def _row_key(source: FileSource, record: Column) -> Column:
+    """The row key: the typed key column(s) as text joined by '|', or a hash of the whole record."""
+    if not source.key_columns:
+        return F.sha2(record, 256)
+    return F.concat_ws("|", *[F.col(n).cast(source.column(n).type).cast("string") for n in source.key_columns])
+
+
+def ingest_table(spark: SparkSession, source: FileSource, files: list[Path]) -> DataFrame:
+    """One row per input record: `source_file`, `id` (the key), `record`, `reason` and the other columns, typed.
+
+    Key columns other than a single declared `key` stay as typed columns too (a time series keeps its time).
+    """
     raw = _read(spark, source, files)
     record = F.coalesce(F.col(CORRUPT_RECORD), F.to_json(F.struct(*[F.col(c.name) for c in source.columns])))
-    key = F.col(source.key).cast(source.column(source.key).type).cast("string") if source.key else F.sha2(record, 256)
+    key = _row_key(source, record)
     checked = raw.select(
         F.input_file_name().alias("source_file"),
         F.monotonically_increasing_id().alias("position"),
@@ -113,11 +142,12 @@ def is_clean() -> Column:
     return F.col("reason").isNull()
 
 
-def check_duplicates(reasons: dict[str, int], source: TableSource) -> None:
+def check_duplicates(reasons: dict[str, int], source: FileSource) -> None:
     """Raise when rows repeat a key and the source says duplicates fail the job."""
     repeated = reasons.get(DUPLICATE_KEY, 0)
     if repeated and source.duplicates == "fail":
-        raise DataError(f"{repeated} rows repeat an earlier row's key '{source.key or 'record hash'}' "
+        key = ", ".join(source.key_columns) or "record hash"
+        raise DataError(f"{repeated} rows repeat an earlier row's key '{key}' "
                         f"and source.duplicates is 'fail'")
 
 

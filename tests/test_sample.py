@@ -8,7 +8,7 @@ from sklearn.datasets import load_digits
 
 from sklearn.datasets import load_breast_cancer
 
-from jobs.sample import SAMPLES, write_breast_cancer, write_digits
+from jobs.sample import SAMPLES, write_breast_cancer, write_digits, write_seattle_weather, write_text_corpus
 
 
 def test_write_digits_writes_every_image_as_a_grey_png_in_its_class_folder(tmp_path):
@@ -51,4 +51,16 @@ def test_write_breast_cancer_writes_one_csv_with_id_measurements_and_diagnosis(t
 
 
 def test_samples_registry_names_every_writer():
-    assert SAMPLES == {"digits": write_digits, "breast_cancer": write_breast_cancer}
+    assert SAMPLES == {
+        "digits": write_digits, "breast_cancer": write_breast_cancer,
+        "seattle_weather": write_seattle_weather, "text": write_text_corpus,
+    }
+
+
+def test_write_text_corpus_writes_balanced_labelled_sentences(tmp_path):
+    assert write_text_corpus(tmp_path / "text", per_topic=20) == 60
+
+    table = pd.read_csv(tmp_path / "text" / "texts.csv")
+    assert list(table.columns) == ["id", "text", "topic"] and table["id"].is_unique
+    assert table["topic"].value_counts().to_dict() == {"sports": 20, "weather": 20, "cooking": 20}
+    assert table["text"].str.strip().str.len().min() > 10

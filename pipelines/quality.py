@@ -1,0 +1,58 @@
+"""The data-quality report (`quality.json`): null rates, numeric ranges and label balance, in one aggregation pass."""
+from __future__ import annotations
+
+from pyspark.sql import DataFrame
+from pyspark.sql import functions as F
+from pyspark.sql.types import NumericType
+
+from pipelines.split import SPLITS
+
+QUALITY_NAME = "quality.json"
+
+
+def _aggregates(rows: DataFrame, columns: list[str], numeric: set[str], classes: list[str]) -> list:
+    aggs = [F.count(F.lit(1)).alias("rows")]
+    for i, name in enumerate(columns):
+        aggs.append(F.count_if(F.col(name).isNull()).alias(f"nulls{i}"))
+        if name in numeric:
+            value = F.col(name).cast("double")
+            aggs += [F.min(value).alias(f"min{i}"), F.max(value).alias(f"max{i}"), F.sum(value).alias(f"sum{i}")]
+    aggs += [F.count_if(F.col("label") == k).alias(f"class{k}") for k in range(len(classes))]
+    return aggs
+
+
+def _column_stats(per_split: dict, i: int, numeric: bool) -> dict:
+    """One column's statistics over the given per-split aggregate rows."""
+    rows = sum(r["rows"] for r in per_split.values())
+    nulls = sum(r[f"nulls{i}"] for r in per_split.values())
+    stats = {"null_rate": nulls / rows if rows else None}
+    if numeric:
+        present = [r for r in per_split.values() if r[f"min{i}"] is not None]
+        values = rows - nulls
+        stats |= {
+            "min": min((r[f"min{i}"] for r in present), default=None),
+            "max": max((r[f"max{i}"] for r in present), default=None),
+            "mean": sum(r[f"sum{i}"] for r in present) / values if values else None,
+        }
+    return stats
+
+
+def quality_report(rows: DataFrame, columns: list[str], classes: list[str]) -> dict:
+    """Per column (overall and per split) null rate, and min/max/mean of numbers; rows and label balance per split.
+
+    `rows` are the clean, split rows (with `split`, and the int `label` when `classes` is not empty).
+    """
+    numeric = {f.name for f in rows.schema if f.name in columns and isinstance(f.dataType, NumericType)}
+    found = rows.groupBy("split").agg(*_aggregates(rows, columns, numeric, classes)).collect()  # one row per split
+    per_split = {row["split"]: row for row in found}
+    scopes = {"all": per_split, **{split: {split: per_split[split]} for split in SPLITS if split in per_split}}
+    return {
+        "rows": {scope: sum(r["rows"] for r in rows_of.values()) for scope, rows_of in scopes.items()},
+        "columns": {
+            name: {scope: _column_stats(rows_of, i, name in numeric) for scope, rows_of in scopes.items()}
+            for i, name in enumerate(columns)
+        },
+        "label_balance": {
+            split: {name: row[f"class{k}"] for k, name in enumerate(classes)} for split, row in sorted(per_split.items())
+        } if classes else {},
+    }
