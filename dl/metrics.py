@@ -1,12 +1,17 @@
-"""Classification metrics from confusion matrices built per rank and summed over all ranks.
+"""Validation/test metrics per task, equal over a sharded split to a single-process computation.
 
-Counts add up exactly across ranks, so metrics over a sharded split equal a single-process computation.
+Classification and regression add up exact counts and sums across ranks; anomaly ranking metrics (AUROC, AUPRC)
+all-gather every row's score (val/test splits are small), so they are exact too.
 """
 from __future__ import annotations
 
-import torch
+import math
 
-from dl.distributed import all_reduce_sum
+import numpy as np
+import torch
+from sklearn import metrics as skm
+
+from dl.distributed import all_gather, all_reduce_sum
 
 
 def confusion_matrix(labels: torch.Tensor, predictions: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -52,3 +57,102 @@ class ClassificationMeter:
         confusion = all_reduce_sum(self.confusion.clone())
         loss_sum = all_reduce_sum(self.loss_sum.clone())
         return classification_metrics(confusion, float(loss_sum)), confusion.cpu()
+
+
+def regression_metrics(abs_sum: float, sq_sum: float, count: float, loss_sum: float | None = None,
+                       rows: float | None = None) -> dict[str, float]:
+    """MAE, MSE and RMSE over `count` predicted values; mean loss per row if given."""
+    count = max(count, 1.0)
+    loss = {} if loss_sum is None else {"loss": loss_sum / max(rows or count, 1.0)}
+    return {**loss, "mae": abs_sum / count, "mse": sq_sum / count, "rmse": math.sqrt(sq_sum / count)}
+
+
+class RegressionMeter:
+    """Sums of absolute and squared errors, values, rows and loss on this rank; `compute` sums them over ranks."""
+
+    def __init__(self, device: torch.device):
+        self.sums = torch.zeros(5, dtype=torch.float64, device=device)  # abs, squared, values, rows, loss
+
+    def update(self, predictions: torch.Tensor, targets: torch.Tensor, loss_sum: torch.Tensor) -> None:
+        error = (predictions.double() - targets.double().reshape(predictions.shape))
+        self.sums += torch.stack([error.abs().sum(), error.pow(2).sum(), error.new_tensor(error.numel()),
+                                  error.new_tensor(len(error)), loss_sum.detach().double()])
+
+    def compute(self) -> tuple[dict[str, float], None]:
+        abs_sum, sq_sum, values, rows, loss_sum = all_reduce_sum(self.sums.clone()).tolist()
+        return regression_metrics(abs_sum, sq_sum, values, loss_sum, rows), None
+
+
+def ranking_metrics(scores: np.ndarray, anomalous: np.ndarray) -> dict[str, float]:
+    """AUROC and AUPRC (average precision) of `scores` ranking the anomalous rows first; NaN without both kinds."""
+    if anomalous.all() or not anomalous.any():
+        return {"auroc": float("nan"), "auprc": float("nan")}
+    return {"auroc": float(skm.roc_auc_score(anomalous, scores)),
+            "auprc": float(skm.average_precision_score(anomalous, scores))}
+
+
+def threshold_metrics(scores: np.ndarray, anomalous: np.ndarray, threshold: float) -> dict[str, float]:
+    """Precision, recall and F1 of `score > threshold` as the anomaly call (0 where undefined)."""
+    called = scores > threshold
+    hits = float(np.sum(called & anomalous))
+    precision = hits / called.sum() if called.any() else 0.0
+    recall = hits / anomalous.sum() if anomalous.any() else 0.0
+    f1 = 2 * hits / (called.sum() + anomalous.sum()) if called.any() or anomalous.any() else 0.0
+    return {"precision": float(precision), "recall": float(recall), "f1": float(f1)}
+
+
+def calibrate_threshold(scores: np.ndarray, anomalous: np.ndarray | None, method: str, quantile: float = 0.95) -> float:
+    """The anomaly threshold (a row is anomalous when its score is above it), from validation scores.
+
+    `quantile`: that quantile (linear interpolation) of the normal rows' scores (every row's without labels).
+    `best_f1`: the midpoint between consecutive distinct scores that maximises F1 (ties: the higher threshold);
+    below every score when calling every row anomalous is best.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    if method == "quantile":
+        normal = scores if anomalous is None else scores[~np.asarray(anomalous, bool)]
+        if not len(normal):
+            raise ValueError("no normal validation rows to calibrate the anomaly threshold on")
+        return float(np.quantile(normal, quantile))
+    if method != "best_f1":
+        raise ValueError(f"unknown threshold method {method!r}")
+    if anomalous is None or not np.any(anomalous):
+        raise ValueError("threshold best_f1 needs anomalous validation rows")
+    anomalous = np.asarray(anomalous, bool)
+    distinct = np.unique(scores)  # ascending
+    candidates = np.concatenate([[distinct[0] - 1.0], (distinct[:-1] + distinct[1:]) / 2])
+    f1 = [threshold_metrics(scores, anomalous, t)["f1"] for t in candidates]
+    best = max(range(len(candidates)), key=lambda i: (f1[i], candidates[i]))
+    return float(candidates[best])
+
+
+class AnomalyMeter:
+    """Per-row anomaly scores and labels of this rank; `compute` gathers every rank's rows (small splits only)."""
+
+    def __init__(self, device: torch.device):
+        self.scores: list[np.ndarray] = []
+        self.anomalous: list[np.ndarray] = []
+        self.loss = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, rows it covers
+
+    def update(self, scores: torch.Tensor, anomalous: torch.Tensor | None, loss_sum: torch.Tensor, rows: int) -> None:
+        self.scores.append(scores.detach().float().cpu().numpy())
+        self.anomalous.append(np.zeros(len(scores), bool) if anomalous is None else anomalous.cpu().numpy().astype(bool))
+        self.loss += torch.stack([loss_sum.detach().double(), self.loss.new_tensor(float(rows))])
+
+    def compute(self, threshold: float | None = None, labelled: bool = True) -> tuple[dict[str, float], dict]:
+        """(metrics, {"scores", "anomalous"} over all ranks); precision/recall/F1 at `threshold` when given."""
+        loss_sum, rows = all_reduce_sum(self.loss.clone()).tolist()
+        mine = (np.concatenate(self.scores or [np.empty(0, np.float32)]),
+                np.concatenate(self.anomalous or [np.empty(0, bool)]))
+        gathered = all_gather(mine)
+        scores = np.concatenate([part[0] for part in gathered])
+        anomalous = np.concatenate([part[1] for part in gathered])
+        metrics = {"loss": loss_sum / max(rows, 1.0), "score_mean": float(scores.mean()) if len(scores) else 0.0}
+        if labelled:
+            metrics.update(ranking_metrics(scores, anomalous))
+        if threshold is not None:
+            metrics["threshold"] = float(threshold)
+            metrics["anomaly_rate"] = float(np.mean(scores > threshold)) if len(scores) else 0.0
+            if labelled:
+                metrics.update(threshold_metrics(scores, anomalous, threshold))
+        return metrics, {"scores": scores, "anomalous": anomalous if labelled else None}

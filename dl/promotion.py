@@ -146,7 +146,7 @@ class SmokeTest:
 
     def run(self, model_uri: str) -> int:
         """Rows scored; raises SmokeTestFailed if scoring fails or the predictions are not one valid row per id."""
-        from pipelines.scoring import score_parquet  # the real scorer, as `dlpipe score` runs it
+        from pipelines.scoring import model_outputs, score_parquet  # the real scorer, as `dlpipe score` runs it
 
         if not Path(self.test_split).exists():
             raise DataError(f"{self.test_split}: no test split to smoke-test the candidate on (run the ETL first)")
@@ -164,15 +164,24 @@ class SmokeTest:
             except Exception as exc:  # whatever breaks the scorer breaks the candidate: report it, do not promote
                 reason = _one_line(exc).replace(str(sample), f"{self.rows} rows of {self.test_split}")
                 raise SmokeTestFailed(reason) from exc
-            scored = spark.read.parquet(str(predictions)).select("id", "prediction", "probability").collect()
-        _check_predictions(ids, scored)
+            outputs = model_outputs(model_uri)
+            scored = spark.read.parquet(str(predictions)).select("id", *outputs).collect()
+        _check_predictions(ids, scored, outputs)
         return len(ids)
 
 
-def _check_predictions(ids: list[str], scored: list) -> None:
-    """One prediction per sampled id, each a class index with a finite probability per class."""
+def _check_predictions(ids: list[str], scored: list, outputs: dict[str, str] | None = None) -> None:
+    """One prediction per sampled id: a class index with a finite probability per class (classifiers), or
+    every output column present and finite."""
     if sorted(row.id for row in scored) != sorted(ids):
         raise SmokeTestFailed(f"{len(ids)} rows sampled but {len(scored)} predictions came back, not one per id")
+    if outputs is not None and "probability" not in outputs:
+        for row in scored:
+            for name, kind in outputs.items():
+                values = row[name] if kind == "array<float>" else [row[name]]
+                if values is None or any(v is None or (kind != "boolean" and not math.isfinite(v)) for v in values):
+                    raise SmokeTestFailed(f"row id={row.id!r}: {name} {row[name]!r} is missing or not finite")
+        return
     for row in scored:
         probability = row.probability or []
         if row.prediction is None or not 0 <= row.prediction < len(probability):

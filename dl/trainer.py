@@ -10,7 +10,7 @@ import logging
 import time
 import warnings
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Protocol
 
@@ -24,9 +24,9 @@ from dl.arrow_loader import ArrowLoader
 from dl.checkpoint import capture, load_checkpoint, restore, save_checkpoint
 from dl.distributed import DistContext, all_reduce_sum, is_master, restart_count
 from dl.losses import build_loss, weight_penalty
-from dl.metrics import ClassificationMeter
 from dl.optim import build_optimizer, build_scheduler, step_scheduler
-from dl.petastorm_reader import PetastormLoader, check_shardable, split_dir
+from dl.petastorm_reader import COLUMNS as PETASTORM_COLUMNS, PetastormLoader, check_shardable, split_dir
+from dl.tasks import Task, as_task, to_device
 from jobs.config import EarlyStoppingConf, TrainConf
 
 log = logging.getLogger("dlpipe.trainer")
@@ -49,14 +49,16 @@ class Loader(Protocol):
 
 @dataclass(frozen=True)
 class FitResult:
-    """Per-epoch history, the best epoch (1-based) and the test metrics of the restored best weights."""
+    """Per-epoch history, the best epoch (1-based), the test metrics of the restored best weights, and the
+    calibrated serving state (e.g. the anomaly threshold) that is saved with the model."""
 
     history: list[dict[str, float]]
     best_epoch: int
     best_score: float
     stopped_early: bool
     test_metrics: dict[str, float]
-    test_confusion: list[list[int]]
+    test_confusion: list[list[int]] | None  # classification only
+    serving_state: dict = field(default_factory=dict)
 
 
 class EarlyStopping:
@@ -114,38 +116,52 @@ def build_precision(amp: str, device: torch.device) -> Precision:
     return Precision(dtype, torch.amp.GradScaler("cuda", enabled=amp == "fp16"))
 
 
-def open_loader(conf: TrainConf, path: Path, ctx: DistContext, shuffle: bool) -> Loader:
-    """This rank's shard of one split through the loader named by `train.loader`."""
+def open_loader(conf: TrainConf, path: Path, ctx: DistContext, shuffle: bool,
+                columns: tuple[str, ...] = ("features", "label")) -> Loader:
+    """This rank's shard of one split through the loader named by `train.loader`, reading `columns`."""
     if conf.loader == "petastorm":
+        if not set(columns) <= set(PETASTORM_COLUMNS):
+            raise ValueError(f"train.loader petastorm reads {list(PETASTORM_COLUMNS)} only; this task needs "
+                             f"{list(columns)}: use train.loader arrow")
         return PetastormLoader(path, conf.batch_size, ctx.rank, ctx.world_size, conf.seed, shuffle)
-    return ArrowLoader(path, ("features", "label"), conf.batch_size, ctx.rank, ctx.world_size, conf.seed, shuffle)
+    return ArrowLoader(path, columns, conf.batch_size, ctx.rank, ctx.world_size, conf.seed, shuffle)
 
 
 def evaluate(
-    network: nn.Module, loader: Loader, num_classes: int, loss_sum: nn.Module, ctx: DistContext
-) -> tuple[dict[str, float], torch.Tensor]:
-    """(metrics, confusion) over a whole split: each rank scores its shard, counts are summed over ranks.
+    network: nn.Module, loader: Loader, task: Task | int, loss_sum: nn.Module, ctx: DistContext,
+    state: dict | None = None,
+) -> tuple[dict[str, float], object]:
+    """(metrics, details) over a whole split: each rank scores its shard; the task combines all ranks' rows.
 
-    `loss_sum` is the training loss with `reduction="sum"`; the reported loss is its mean over the rows.
+    `task` may be a class count (classification; details is then the confusion matrix). `loss_sum` is the
+    training loss with `reduction="sum"`; the reported loss is its mean over the rows. `state` is the task's
+    calibrated state (the anomaly threshold), for the metrics that need it.
     """
+    task = as_task(task)
     network.eval()
-    meter = ClassificationMeter(num_classes, ctx.device)
+    meter = task.meter(ctx.device)
     loader.set_epoch(0)
     with torch.no_grad():
         for batch in loader:
-            features, labels = batch["features"].to(ctx.device), batch["label"].to(ctx.device)
-            logits = network(features)
-            meter.update(logits, labels, loss_sum(logits, labels))
-    return meter.compute()
+            batch = to_device(batch, ctx.device)
+            task.update(meter, network(batch["features"]), batch, loss_sum)
+    return task.compute(meter, state)
 
 
 def train_step(model: nn.Module, batch: dict, optimizer, criterion: nn.Module, conf: TrainConf,
-               precision: Precision, device: torch.device) -> torch.Tensor:
-    """One optimizer step on one batch (loss + weight penalties, scaled for fp16, clipped); returns the batch loss."""
-    features, labels = batch["features"].to(device, non_blocking=True), batch["label"].to(device, non_blocking=True)
+               precision: Precision, device: torch.device, task: Task | None = None) -> torch.Tensor:
+    """One optimizer step on one batch (loss + weight penalties, scaled for fp16, clipped); returns the batch loss.
+
+    A batch marked `ignore` (no rows the task fits) still runs forward and backward, with zero weight, so
+    every rank takes part in each gradient all-reduce.
+    """
+    task = task or as_task(0)
+    batch = to_device(batch, device)
     optimizer.zero_grad(set_to_none=True)
     with precision.autocast(device):
-        loss = criterion(model(features), labels)
+        loss = criterion(*task.loss_inputs(model(batch["features"]), batch))
+    if batch.get("ignore"):
+        loss = loss * 0.0
     objective = loss.float() + weight_penalty(model, conf.loss.l1, conf.loss.l2)
     precision.scaler.scale(objective).backward()
     if conf.grad_clip_norm:
@@ -196,7 +212,7 @@ def fit(
     network: nn.Module,
     conf: TrainConf,
     dataset_dir: Path,
-    num_classes: int,
+    task: Task | int,
     ctx: DistContext,
     checkpoint_dir: Path,
     log_metrics: Callable[[dict[str, float], int], None] | None = None,
@@ -206,19 +222,21 @@ def fit(
     Rank 0 writes `best.pt` (best weights) and `last.pt` (the whole training state, every
     `checkpoint_every_steps` steps and at each epoch end) to `checkpoint_dir`, and passes each epoch's
     metrics to `log_metrics`. With `conf.resume`, or when torchrun restarted the job, training continues
-    from `last.pt`.
+    from `last.pt`. `task` (or a class count, for classification) says what is fitted and measured.
     """
+    task = as_task(task)
+    stopping_conf = task.check(conf)
     paths = {split: split_dir(dataset_dir, split) for split in SPLITS}
     for path in paths.values():
         check_shardable(path, ctx.world_size)
-    loaders = {split: open_loader(conf, path, ctx, shuffle=split == "train") for split, path in paths.items()}
+    loaders = {split: open_loader(conf, path, ctx, split == "train", task.columns) for split, path in paths.items()}
     network.to(ctx.device)
     optimizer = build_optimizer(network.parameters(), conf.optimizer)
-    scheduler = build_scheduler(optimizer, conf.scheduler, conf.epochs, conf.early_stopping.mode)
+    scheduler = build_scheduler(optimizer, conf.scheduler, conf.epochs, stopping_conf.mode)
     precision = build_precision(conf.amp, ctx.device)
-    criterion = build_loss(conf.loss, num_classes).to(ctx.device)
-    loss_sum = build_loss(conf.loss, num_classes, reduction="sum").to(ctx.device)
-    stopping = EarlyStopping(conf.early_stopping)
+    criterion = build_loss(conf.loss, task.num_outputs).to(ctx.device)
+    loss_sum = build_loss(conf.loss, task.num_outputs, reduction="sum").to(ctx.device)
+    stopping = EarlyStopping(stopping_conf)
     stateful = {"model": network, "optimizer": optimizer, "scheduler": scheduler, "scaler": precision.scaler,
                 "early_stopping": stopping}
     position = {"epoch": 1, "step": 0, "global_step": 0, "history": [], "best_state": {}}
@@ -249,9 +267,11 @@ def fit(
         with warnings.catch_warnings(), nullcontext() if train.equal_steps else Join([model]):
             # (Join's exit installs a global "once" warnings filter; the catch undoes it)
             for batch in timed(train, tally):
-                loss = train_step(model, batch, optimizer, criterion, conf, precision, ctx.device)
-                tally[LOSS_SUM] += loss.double() * len(batch["label"])  # no .item(): no GPU sync per step
-                tally[SAMPLES] += len(batch["label"])
+                batch = task.training_batch(batch)
+                loss = train_step(model, batch, optimizer, criterion, conf, precision, ctx.device, task)
+                rows = task.rows(batch)
+                tally[LOSS_SUM] += loss.double() * rows  # no .item(): no GPU sync per step
+                tally[SAMPLES] += rows
                 tally[STEPS] += 1
                 position["step"] += 1
                 position["global_step"] += 1
@@ -259,12 +279,12 @@ def fit(
                     checkpoint_training()
         _broadcast_buffers(network)
         report = _epoch_report(tally, ctx.world_size)
-        val, _ = evaluate(network, loaders["val"], num_classes, loss_sum, ctx)
+        val, _ = evaluate(network, loaders["val"], task, loss_sum, ctx)
         row = {**report, **{f"val_{name}": value for name, value in val.items()}, "lr": optimizer.param_groups[0]["lr"],
                "epoch_seconds": time.perf_counter() - started}
         history.append({"epoch": epoch, **row, "steps": int(tally[STEPS])})
-        improved = stopping.update(row[conf.early_stopping.metric], epoch)
-        step_scheduler(scheduler, row[conf.early_stopping.metric])
+        improved = stopping.update(row[stopping_conf.metric], epoch)
+        step_scheduler(scheduler, row[stopping_conf.metric])
         if improved:
             position["best_state"] = {name: value.detach().cpu().clone() for name, value in network.state_dict().items()}
         position.update(epoch=epoch + 1, step=0)
@@ -275,17 +295,20 @@ def fit(
                                 checkpoint_dir / BEST)
             if log_metrics is not None:
                 log_metrics(row, epoch)
+            shown = " ".join(f"val_{name}={val[name]:.4f}" for name in task.logged if name in val)
             log.info(
-                "epoch %d/%d train_loss=%.4f val_loss=%.4f val_accuracy=%.4f val_f1_macro=%.4f lr=%.2g "
-                "%.0f samples/s data_wait=%.0f%%%s", epoch, conf.epochs, row["train_loss"], val["loss"],
-                val["accuracy"], val["f1_macro"], row["lr"], row["samples_per_s"],
-                100 * row["data_wait_fraction"], " *" if improved else "",
+                "epoch %d/%d train_loss=%.4f %s lr=%.2g %.0f samples/s data_wait=%.0f%%%s", epoch, conf.epochs,
+                row["train_loss"], shown, row["lr"], row["samples_per_s"], 100 * row["data_wait_fraction"],
+                " *" if improved else "",
             )
         checkpoint_training()
     if stopping.should_stop and is_master():
         log.info("early stop: %s has not improved for %d epochs; best epoch %d (%s=%.4f)",
-                 conf.early_stopping.metric, conf.early_stopping.patience, stopping.best_epoch,
-                 conf.early_stopping.metric, stopping.best)
+                 stopping_conf.metric, stopping_conf.patience, stopping.best_epoch, stopping_conf.metric, stopping.best)
     network.load_state_dict(position["best_state"])
-    test, confusion = evaluate(network, loaders["test"], num_classes, loss_sum, ctx)
-    return FitResult(history, stopping.best_epoch, stopping.best, stopping.should_stop, test, confusion.tolist())
+    state = task.calibrate(evaluate(network, loaders["val"], task, loss_sum, ctx)[1]) if task.calibrated else {}
+    if state and is_master():
+        log.info("calibrated on the validation split: %s", state)
+    test, details = evaluate(network, loaders["test"], task, loss_sum, ctx, state)
+    confusion = details.tolist() if isinstance(details, torch.Tensor) else None
+    return FitResult(history, stopping.best_epoch, stopping.best, stopping.should_stop, test, confusion, state)

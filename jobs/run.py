@@ -137,10 +137,13 @@ class RunReport:
             f"pipeline {self.cfg.name}: {counts['rows_clean']} clean rows "
             f"({counts['rows_quarantined']} quarantined), split train/val/test = "
             f"{counts['train']}/{counts['val']}/{counts['test']}",
-            f"trained {trained['model_name']} version {trained['model_version']} (MLflow run {trained['run_id']})",
+            f"trained {trained['model_name']} version {trained['model_version']} (MLflow run {trained['run_id']})"
+            + "".join(f"; {key} {value:.6g}" for key, value in (trained.get("serving_state") or {}).items()
+                      if isinstance(value, float)),
             f"promotion: {promotion['decision']} ({promotion['reason']}); "
             f"champion = version {promotion['champion_version_after']}",
-            f"scored {scored['rows_out']} test rows with {scored['model_name']} version {scored['model_version']}:",
+            f"scored {scored['rows_out']} test rows with {scored['model_name']} version {scored['model_version']} "
+            f"({trained.get('task', 'classification')}):",
             *(f"  {name:<18} {value:.4f}" for name, value in self.metrics.items()),
             f"dataset:      {self.cfg.dataset_dir}",
             f"quarantine:   {self.cfg.quarantine_dir}",
@@ -153,7 +156,7 @@ class RunReport:
 def run_pipeline(config_path: str | Path, overrides: list[str], **selection) -> RunReport:
     """Run the stages, then report the scored test split's metrics (counted by Spark from the predictions)."""
     from pipelines.dataset import read_manifest
-    from pipelines.evaluation import classification_report
+    from pipelines.evaluation import predictions_report
     from pipelines.spark import spark_session
 
     markers = run_stages(config_path, overrides, **selection)
@@ -164,7 +167,9 @@ def run_pipeline(config_path: str | Path, overrides: list[str], **selection) -> 
     if scored["rows_out"] != manifest["counts"]["test"]:
         raise RuntimeError(f"scored {scored['rows_out']} rows but the manifest's test split has {manifest['counts']['test']}")
     spark = spark_session(cfg.spark, f"dlpipe-report-{cfg.name}")
-    metrics = classification_report(spark.read.parquet(str(scored["output"])), len(manifest["classes"]))
+    task = markers["train"]["summary"].get("task", "classification")  # runs trained before tasks: classifiers
+    predictions = spark.read.parquet(str(scored["output"]))
+    metrics = predictions_report(predictions, task, manifest["classes"], cfg.train.anomaly.normal_label)
     return RunReport(cfg, manifest, markers, metrics)
 
 

@@ -19,6 +19,7 @@ import mlflow
 from dl.distributed import distributed, is_master
 from dl.models import build_model
 from dl.serving import log_and_register
+from dl.tasks import build_task
 from dl.trainer import fit, resumes
 from jobs.config import ConfigError, PipelineConfig, load_config
 from jobs.stage import configure_logging, stage
@@ -61,24 +62,32 @@ def tracked_run(cfg: PipelineConfig, manifest: dict) -> Iterator[mlflow.ActiveRu
 
 def train(cfg: PipelineConfig, manifest: dict) -> None:
     """This rank's share of training; rank 0 also tracks the run, registers the model and writes the result."""
-    num_classes = len(manifest["classes"])
+    try:
+        task = build_task(cfg.model, manifest["classes"], cfg.train.anomaly)
+        task.check(cfg.train)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     with distributed(cfg.train.backend, cfg.train.seed) as ctx:
         configure_logging(logging.INFO if is_master() else logging.WARNING)
-        network = build_model(cfg.model, tuple(manifest["feature_shape"]), num_classes)
+        network = build_model(cfg.model, tuple(manifest["feature_shape"]), task.num_outputs)
         with stage("train") as summary, tracked_run(cfg, manifest) if is_master() else nullcontext() as run:
             result = fit(
-                network, cfg.train, cfg.dataset_dir, num_classes, ctx, cfg.checkpoint_dir,
+                network, cfg.train, cfg.dataset_dir, task, ctx, cfg.checkpoint_dir,
                 log_metrics=mlflow.log_metrics,
             )
             if not is_master():
                 return  # rank 0 alone tracks, registers and reports
             mlflow.log_metrics({f"test_{name}": value for name, value in result.test_metrics.items()})
-            mlflow.log_dict({"classes": manifest["classes"], "matrix": result.test_confusion}, "test_confusion.json")
-            version = log_and_register(network.cpu(), cfg, manifest)
+            if result.test_confusion is not None:
+                mlflow.log_dict({"classes": manifest["classes"], "matrix": result.test_confusion}, "test_confusion.json")
+            if result.serving_state:
+                mlflow.log_dict(result.serving_state, "serving_state.json")
+            version = log_and_register(network.cpu(), cfg, manifest, result.serving_state)
+            headline = {f"test_{name}": round(result.test_metrics[name], 4) for name in task.logged[1:]
+                        if name in result.test_metrics}
             summary.update(
-                backend=ctx.backend, world_size=ctx.world_size, epochs=len(result.history),
-                best_epoch=result.best_epoch, test_accuracy=round(result.test_metrics["accuracy"], 4),
-                model=f"{version.name}/{version.version}",
+                backend=ctx.backend, world_size=ctx.world_size, task=task.kind, epochs=len(result.history),
+                best_epoch=result.best_epoch, **headline, model=f"{version.name}/{version.version}",
             )
         write_text_atomic(cfg.run_dir / "train_result.json", json.dumps({
             "run_id": run.info.run_id,
@@ -86,7 +95,9 @@ def train(cfg: PipelineConfig, manifest: dict) -> None:
             "model_version": int(version.version),
             "model_uri": f"models:/{version.name}/{version.version}",
             "best_epoch": result.best_epoch,
+            "task": task.kind,
             "test_metrics": result.test_metrics,
+            "serving_state": result.serving_state,
         }, indent=2))
 
 

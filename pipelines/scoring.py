@@ -17,13 +17,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pyspark import TaskContext
 from pyspark.sql import DataFrame, SparkSession
-from pyspark.sql.types import ArrayType, FloatType, IntegerType, StringType, StructField, StructType
+from pyspark.sql.types import ArrayType, BooleanType, FloatType, IntegerType, StringType, StructField, StructType
 
 from pipelines.atomic import atomic_directory
 from pipelines.errors import DataError
 
 _BAD_ROW = "dlpipe-bad-feature-row:"
 _MODELS: dict[tuple[str, str, str], tuple] = {}  # per Python worker: (tracking, registry, uri) -> loaded model
+# The serving model's output columns by type name (dl/tasks.py): Spark and Arrow types.
+_SPARK_TYPES = {"int": IntegerType(), "float": FloatType(), "boolean": BooleanType(), "array<float>": ArrayType(FloatType())}
+_ARROW_TYPES = {"int": pa.int32(), "float": pa.float32(), "boolean": pa.bool_()}
+CLASSIFIER_OUTPUTS = {"prediction": "int", "probability": "array<float>"}  # models registered without an `outputs` entry
 
 
 class BadFeatureRow(DataError):
@@ -72,6 +76,21 @@ def _repeat(value: str, length: int) -> pa.Array:
     return pa.array([value], pa.string()).take(pa.array(np.zeros(length, dtype=np.int64)))
 
 
+def _arrow_column(values: np.ndarray, kind: str) -> pa.Array:
+    """One output column as Arrow: a flat array, or a list<float> array built from [N, K] values without row loops."""
+    if kind == "array<float>":
+        rows, width = values.shape
+        offsets = pa.array(np.arange(0, rows * width + 1, width, dtype=np.int32))
+        return pa.ListArray.from_arrays(offsets, pa.array(values.reshape(-1).astype(np.float32, copy=False)))
+    return pa.array(values.astype(_ARROW_TYPES[kind].to_pandas_dtype(), copy=False), _ARROW_TYPES[kind])
+
+
+def model_outputs(model_uri: str) -> dict[str, str]:
+    """The output columns (name -> type) a registered dlpipe model declares in its metadata; classifiers by default."""
+    metadata = mlflow.models.get_model_info(model_uri).metadata or {}
+    return dict(metadata.get("outputs") or CLASSIFIER_OUTPUTS)
+
+
 def _score_batches(
     batches: Iterator[pa.RecordBatch],
     *,
@@ -80,29 +99,23 @@ def _score_batches(
     registry_uri: str,
     input_col: str,
     keep: tuple[str, ...],
+    outputs: dict[str, str],
     batch_size: int,
 ) -> Iterator[pa.RecordBatch]:
-    """mapInArrow body: raw features in, `keep` columns + prediction, probability and model lineage out."""
+    """mapInArrow body: raw features in, `keep` columns + the model's `outputs` and model lineage out."""
     model, name, version, run_id = _cached_model(tracking_uri, registry_uri, model_uri)
     _limit_threads_to_task()
-    width, classes = model.num_features, len(model.classes)
+    width = model.num_features
     for batch in batches:
         rows = batch.num_rows
         raw = feature_matrix(batch.column(input_col), batch.column("id"), width, input_col)
-        prediction = np.empty(rows, dtype=np.int32)
-        probability = np.empty((rows, classes), dtype=np.float32)
-        for start in range(0, rows, batch_size):
-            chunk = slice(start, start + batch_size)
-            prediction[chunk], probability[chunk] = model.predict_arrays(raw[chunk], batch_size=batch_size)
-        offsets = pa.array(np.arange(0, rows * classes + 1, classes, dtype=np.int32))
-        columns = [batch.column(c) for c in keep] + [
-            pa.array(prediction),
-            pa.ListArray.from_arrays(offsets, pa.array(probability.reshape(-1))),
+        scored = model.predict_columns(raw, batch_size=batch_size)
+        columns = [batch.column(c) for c in keep] + [_arrow_column(scored[o], kind) for o, kind in outputs.items()] + [
             _repeat(name, rows),
             _repeat(version, rows),
             _repeat(run_id or "", rows),
         ]
-        names = list(keep) + ["prediction", "probability", "model_name", "model_version", "model_run_id"]
+        names = list(keep) + list(outputs) + ["model_name", "model_version", "model_run_id"]
         yield pa.RecordBatch.from_arrays(columns, names=names)
 
 
@@ -129,12 +142,12 @@ def score_parquet(
     missing = [c for c in ("id", input_col) if c not in source.columns]
     if missing:
         raise DataError(f"{input_path}: scoring input lacks column(s) {missing}; has {source.columns}")
-    keep = ("id", "label") if "label" in source.columns else ("id",)
+    keep = ("id", *(c for c in ("label", "target") if c in source.columns))  # truth columns, for evaluation
+    outputs = model_outputs(pinned)
     schema = StructType(
         [source.schema[c] for c in keep]
+        + [StructField(output, _SPARK_TYPES[kind]) for output, kind in outputs.items()]
         + [
-            StructField("prediction", IntegerType()),
-            StructField("probability", ArrayType(FloatType())),
             StructField("model_name", StringType()),
             StructField("model_version", StringType()),
             StructField("model_run_id", StringType()),
@@ -147,6 +160,7 @@ def score_parquet(
         registry_uri=mlflow.get_registry_uri(),
         input_col=input_col,
         keep=keep,
+        outputs=outputs,
         batch_size=batch_size,
     )
     rows_in = source.count()

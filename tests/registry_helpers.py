@@ -89,17 +89,24 @@ def register(
 
 @contextmanager
 def tracking(uri: str) -> Iterator[None]:
-    """Point MLflow's tracking and registry at `uri`, restoring the previous URIs afterwards."""
-    previous = (mlflow.get_tracking_uri(), mlflow.get_registry_uri(), os.environ.get("MLFLOW_TRACKING_URI"))
+    """Point MLflow's tracking and registry at `uri`, restoring the previous settings afterwards (an unset
+    registry URI stays unset: pinning it would send later clients to this test's registry)."""
+    from mlflow.tracking._model_registry import utils as registry_utils
+
+    variables = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+    previous = (mlflow.get_tracking_uri(), registry_utils._registry_uri, {v: os.environ.get(v) for v in variables})
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     try:
         yield
     finally:
         mlflow.set_tracking_uri(previous[0])
-        mlflow.set_registry_uri(previous[1])
-        if previous[2] is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        registry_utils._registry_uri = previous[1]
+        for variable, value in previous[2].items():
+            if value is None:
+                os.environ.pop(variable, None)
+            else:
+                os.environ[variable] = value
 
 
 def raw_rows(rows: int, seed: int = 0, width: int = WIDTH) -> np.ndarray:

@@ -1,0 +1,227 @@
+"""What a model is trained to do, as one small object per task: classification, regression, anomaly detection.
+
+A task owns everything that differs between them: the loader columns, which rows fit the model, the loss's
+inputs and targets, the all-reduced validation metrics (and which direction is better), a calibration step after
+training (the anomaly threshold), and the columns the serving model returns. The trainer and the serving model
+call these and never branch on the model kind.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from dl.metrics import AnomalyMeter, ClassificationMeter, RegressionMeter, calibrate_threshold
+from jobs.config import AnomalyConf, EarlyStoppingConf, TrainConf
+
+# Serving output column types (the Spark scorer and the MLflow signature map them): int, float, boolean, array<float>.
+OutputColumns = dict[str, str]
+FLOAT_TARGET_LOSSES = ("mse", "mae", "huber")
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """The batch with its tensors on `device` (ids and other lists untouched)."""
+    return {key: value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
+            for key, value in batch.items()}
+
+
+class Task:
+    """The classification task's behaviour, and the defaults the other tasks share."""
+
+    kind = "classification"
+    columns: tuple[str, ...] = ("features", "label")
+    directions: dict[str, str] = {"loss": "min", "accuracy": "max", "precision_macro": "max", "recall_macro": "max",
+                                  "f1_macro": "max"}
+    default_stopping = ("val_accuracy", "max")
+    logged = ("loss", "accuracy", "f1_macro")  # what the per-epoch log line shows
+    losses: tuple[str, ...] | None = None  # the train.loss names that fit the task (None: any)
+    calibrated = False  # whether `calibrate` fits state on the validation split after training
+
+    def __init__(self, num_outputs: int):
+        self.num_outputs = num_outputs
+
+    @property
+    def output_columns(self) -> OutputColumns:
+        return {"prediction": "int", "probability": "array<float>"}
+
+    # --- training ---
+    def check(self, conf: TrainConf) -> EarlyStoppingConf:
+        """Raise on settings that do not fit the task; return the early-stopping settings with defaults filled in."""
+        if self.losses is not None and conf.loss.name not in self.losses:
+            raise ValueError(f"train.loss.name {conf.loss.name!r} does not fit a {self.kind} model; "
+                             f"use one of {list(self.losses)}")
+        metric = conf.early_stopping.metric or self.default_stopping[0]
+        name = metric.removeprefix("val_")
+        if name not in self.directions:
+            known = ", ".join(f"val_{n}" for n in self.directions)
+            raise ValueError(f"train.early_stopping.metric {metric!r} is not a {self.kind} metric; use one of {known}")
+        mode = conf.early_stopping.mode or self.directions[name]
+        return conf.early_stopping.model_copy(update={"metric": metric, "mode": mode})
+
+    def training_batch(self, batch: dict) -> dict:
+        """The rows of `batch` that fit the model (all of them, unless the task says otherwise)."""
+        return batch
+
+    def rows(self, batch: dict) -> int:
+        """How many rows of a training batch the loss covers."""
+        return 0 if batch.get("ignore") else len(batch["features"])
+
+    def loss_inputs(self, outputs: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(outputs, targets) for the loss."""
+        return outputs, batch["label"]
+
+    # --- evaluation ---
+    def meter(self, device: torch.device):
+        return ClassificationMeter(self.num_outputs, device)
+
+    def update(self, meter, outputs: torch.Tensor, batch: dict, loss_sum: torch.nn.Module) -> None:
+        """Add one evaluation batch (on the device) to `meter`; `loss_sum` is the training loss, summed."""
+        meter.update(outputs, batch["label"], loss_sum(*self.loss_inputs(outputs, batch)))
+
+    def compute(self, meter, state: dict | None = None) -> tuple[dict[str, float], Any]:
+        """(metrics, details) over every rank's rows; `state` is what `calibrate` returned, None before it ran."""
+        return meter.compute()
+
+    def calibrate(self, details: Any) -> dict:
+        """Plain-data state fitted on the validation split after training, saved with the model (none here)."""
+        return {}
+
+    # --- serving ---
+    def serve(self, outputs: torch.Tensor, inputs: torch.Tensor, state: dict) -> dict[str, np.ndarray]:
+        """The serving columns of one batch: network outputs (and the scaled inputs) -> NumPy columns."""
+        probability = torch.softmax(outputs.float(), dim=1).cpu().numpy()
+        return {"prediction": probability.argmax(axis=1).astype(np.int64), "probability": probability}
+
+
+class ClassificationTask(Task):
+    pass
+
+
+class RegressionTask(Task):
+    """Float targets from the dataset's `target` column (float, or array<float> of `num_outputs` values)."""
+
+    kind = "regression"
+    columns = ("features", "target")
+    directions = {"loss": "min", "mae": "min", "mse": "min", "rmse": "min"}
+    default_stopping = ("val_loss", "min")
+    logged = ("loss", "mae", "rmse")
+    losses = FLOAT_TARGET_LOSSES
+
+    @property
+    def output_columns(self) -> OutputColumns:
+        return {"prediction": "float" if self.num_outputs == 1 else "array<float>"}
+
+    def loss_inputs(self, outputs, batch):
+        return outputs, batch["target"].float().reshape(outputs.shape)
+
+    def meter(self, device):
+        return RegressionMeter(device)
+
+    def update(self, meter, outputs, batch, loss_sum):
+        meter.update(outputs, batch["target"], loss_sum(*self.loss_inputs(outputs, batch)))
+
+    def serve(self, outputs, inputs, state):
+        values = outputs.float().cpu().numpy()
+        return {"prediction": values[:, 0] if self.num_outputs == 1 else values}
+
+
+class AnomalyTask(Task):
+    """Reconstruction: the loss compares the output with the input; the anomaly score is a row's MSE over features.
+
+    With `normal_label`, rows of other classes are anomalies: they never fit the model when `fit_on` is normal,
+    but count in the val/test metrics (AUROC, AUPRC; precision/recall/F1 at the calibrated threshold).
+    """
+
+    kind = "anomaly"
+    directions = {"loss": "min", "score_mean": "min", "auroc": "max", "auprc": "max"}
+    default_stopping = ("val_loss", "min")
+    logged = ("loss", "auroc", "auprc")
+    losses = FLOAT_TARGET_LOSSES
+    calibrated = True
+
+    def __init__(self, num_outputs: int, conf: AnomalyConf, classes: list[str], min_rows: int = 1):
+        super().__init__(num_outputs)
+        self.conf, self.min_rows = conf, min_rows  # min_rows: 2 with batch-norm (undefined on one row)
+        self.normal_index = None
+        if conf.normal_label is not None:
+            if conf.normal_label not in classes:
+                raise ValueError(f"train.anomaly.normal_label {conf.normal_label!r} is not a class of the dataset "
+                                 f"{list(classes)}")
+            self.normal_index = list(classes).index(conf.normal_label)
+        self.columns = ("features", "label") if self.labelled else ("features",)
+
+    @property
+    def labelled(self) -> bool:
+        return self.normal_index is not None
+
+    @property
+    def output_columns(self) -> OutputColumns:
+        return {"anomaly_score": "float", "is_anomaly": "boolean"}
+
+    def check(self, conf):
+        stopping = super().check(conf)
+        if stopping.metric in ("val_auroc", "val_auprc") and not self.labelled:
+            raise ValueError(f"train.early_stopping.metric {stopping.metric} needs train.anomaly.normal_label")
+        return stopping
+
+    def _fitted(self, batch: dict) -> torch.Tensor | None:
+        """Mask of the rows that fit the model (None: all of them)."""
+        if self.labelled and self.conf.fit_on == "normal":
+            return batch["label"] == self.normal_index
+        return None
+
+    def training_batch(self, batch):
+        mask = self._fitted(batch)
+        if mask is None:
+            return batch
+        if int(mask.sum()) < self.min_rows:  # keep DDP in step: a zero-weight step on the whole batch
+            return {**batch, "ignore": True}
+        return {key: value[mask] if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
+
+    def loss_inputs(self, outputs, batch):
+        return outputs, batch["features"].reshape(outputs.shape)
+
+    def meter(self, device):
+        return AnomalyMeter(device)
+
+    @staticmethod
+    def scores(outputs: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        """Per-row reconstruction error: the mean squared difference over the features."""
+        return (outputs.float() - inputs.float().reshape(outputs.shape)).pow(2).reshape(len(outputs), -1).mean(dim=1)
+
+    def update(self, meter, outputs, batch, loss_sum):
+        mask = self._fitted(batch)
+        fitted = outputs if mask is None else outputs[mask]
+        target = batch["features"] if mask is None else batch["features"][mask]
+        loss = loss_sum(*self.loss_inputs(fitted, {"features": target})) if len(fitted) else outputs.new_zeros(())
+        anomalous = batch["label"] != self.normal_index if self.labelled else None
+        meter.update(self.scores(outputs, batch["features"]), anomalous, loss, len(fitted))
+
+    def compute(self, meter, state=None):
+        threshold = None if state is None else state.get("threshold")
+        return meter.compute(threshold, labelled=self.labelled)
+
+    def calibrate(self, details):
+        threshold = calibrate_threshold(details["scores"], details["anomalous"], self.conf.threshold, self.conf.quantile)
+        return {"threshold": threshold, "threshold_method": self.conf.threshold}
+
+    def serve(self, outputs, inputs, state):
+        scores = self.scores(outputs, inputs).cpu().numpy().astype(np.float32)
+        return {"anomaly_score": scores, "is_anomaly": scores > float(state["threshold"])}
+
+
+def build_task(model_conf, classes: list[str], anomaly: AnomalyConf | None = None) -> Task:
+    """The task of a model config: CNNs classify; MLPs classify or regress (`model.task`); autoencoders detect anomalies."""
+    if model_conf.kind == "autoencoder":
+        return AnomalyTask(0, anomaly or AnomalyConf(), classes, min_rows=2 if model_conf.batch_norm else 1)
+    if getattr(model_conf, "task", "classification") == "regression":
+        return RegressionTask(model_conf.outputs)
+    if not classes:
+        raise ValueError(f"a {model_conf.kind} classifier needs a labelled dataset (manifest classes is empty)")
+    return ClassificationTask(len(classes))
+
+
+def as_task(task: Task | int) -> Task:
+    """A task object; a bare class count means classification (the trainer's original signature)."""
+    return ClassificationTask(task) if isinstance(task, int) else task
