@@ -1,16 +1,52 @@
 """Score stage: apply a registered model to a Parquet dataset with Spark and write predictions."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import mlflow
+from mlflow.exceptions import MlflowException
+from pyspark.sql import SparkSession
 
 from dl.serving import resolve_model_version
-from jobs.config import PipelineConfig
-from jobs.tracking import use_experiment
+from jobs.config import DriftConf, PipelineConfig
 from jobs.stage import stage
+from jobs.tracking import use_experiment
+from pipelines.drift import population_stability
+from pipelines.errors import DataError
 from pipelines.scoring import score_parquet
 from pipelines.spark import spark_session
+
+log = logging.getLogger("dlpipe.score")
+
+
+def check_drift(spark: SparkSession, conf: DriftConf, training_run_id: str, input_path: Path) -> dict:
+    """PSI of the input's features against the training manifest's reference; logged, then warn or fail."""
+    if conf.action == "off":
+        return {}
+    try:
+        manifest = mlflow.artifacts.load_dict(f"runs:/{training_run_id}/manifest.json")
+    except (MlflowException, OSError) as exc:
+        log.warning("drift check skipped: no manifest.json on training run %s (%s)", training_run_id, exc)
+        return {}
+    reference = manifest.get("reference_distribution")
+    if reference is None:
+        log.warning("drift check skipped: the training manifest of run %s has no reference_distribution", training_run_id)
+        return {}
+    source = spark.read.parquet(str(input_path))
+    rows = source.count()
+    sample = source.sample(fraction=min(1.0, conf.sample_rows / max(rows, 1)), seed=0)
+    values = population_stability(sample, reference)
+    worst = max(range(len(values)), key=values.__getitem__)
+    mlflow.log_metrics({"drift_psi_max": values[worst], "drift_psi_mean": sum(values) / len(values)})
+    mlflow.log_dict({"column": reference["column"], "psi": values, "threshold": conf.threshold}, "drift.json")
+    if values[worst] > conf.threshold:
+        message = (f"{input_path}: feature {worst} of '{reference['column']}' drifted from training "
+                   f"(PSI {values[worst]:.3f} > score.drift.threshold {conf.threshold})")
+        if conf.action == "fail":
+            raise DataError(message)
+        log.warning("%s; scoring anyway (score.drift.action=warn)", message)
+    return {"drift_psi_max": round(values[worst], 4)}
 
 
 def run_score(
@@ -40,9 +76,10 @@ def run_score(
             "output.path": str(output_path.resolve()),
         })
         spark = spark_session(cfg.spark, f"dlpipe-score-{cfg.name}")
+        drift = check_drift(spark, cfg.score.drift, version.run_id, input_path)
         pinned = f"models:/{version.name}/{version.version}"
         result = score_parquet(spark, pinned, input_path, output_path, batch_size=cfg.score.batch_size)
         mlflow.log_metrics({"rows_in": result["rows_in"], "rows_out": result["rows_out"]})
-        summary.update(result, output=str(output_path))
-    return {**result, "model_uri": model_uri, "input": str(input_path), "output": str(output_path),
+        summary.update(result, output=str(output_path), **drift)
+    return {**result, **drift, "model_uri": model_uri, "input": str(input_path), "output": str(output_path),
             "score_run_id": run.info.run_id}

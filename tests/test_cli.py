@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 
 import mlflow
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from mlflow import MlflowClient
@@ -102,4 +104,20 @@ def test_run_chains_etl_ddp_training_registration_and_scoring(tmp_path):
     assert [r.data.tags["model.version"] for r in scoring_runs] == [row["model_version"]]
     assert scoring_runs[0].data.tags["output.path"] == str((run_dir / "predictions").resolve())
     assert scoring_runs[0].data.metrics["rows_out"] == len(predictions)
+    assert scoring_runs[0].data.metrics["drift_psi_max"] < 0.25  # the test split looks like the train split
+
+    # The same model on inputs far brighter than anything it was trained on: the drift check stops it.
+    test_split = pq.read_table(run_dir / "dataset" / "split=test", columns=["id", "label", "raw_features"])
+    flat = test_split.column("raw_features").combine_chunks().flatten()
+    brighter = pc.add(pc.multiply(flat, 0.5), 120.0).cast(pa.float32())
+    offsets = test_split.column("raw_features").combine_chunks().offsets
+    drifted = test_split.set_column(2, "raw_features", pa.ListArray.from_arrays(offsets, brighter))
+    pq.write_table(drifted, tmp_path / "drifted.parquet")
+    refused = dlpipe(
+        "score", str(DIGITS), f"source.path={raw}", f"run_dir={run_dir}", "score.drift.action=fail",
+        "--input", str(tmp_path / "drifted.parquet"), "--output", str(tmp_path / "drifted-predictions"), cwd=tmp_path,
+    )
+    assert refused.returncode == EXIT_DATA
+    assert "drifted from training (PSI" in refused.stderr and "> score.drift.threshold 0.25" in refused.stderr
+    assert not (tmp_path / "drifted-predictions").exists()
     mlflow.set_tracking_uri(None)
