@@ -88,6 +88,23 @@ def _cmd_run(args: argparse.Namespace) -> None:
     print(run_pipeline(args.config, args.overrides, start=args.start, only=args.only, force=args.force).as_text())
 
 
+def _cmd_submit(args: argparse.Namespace) -> None:
+    import shlex
+
+    from jobs.submit import build_submit_command, parse_conf, submit
+
+    command = build_submit_command(
+        args.stage, args.config, args.overrides, args.master, args.deploy_mode, parse_conf(args.conf),
+        dist_dir=args.dist, python=args.python, archive=args.archive,
+    )
+    if args.print:
+        print(shlex.join(command))
+        return
+    code = submit(command)
+    if code:
+        raise SystemExit(code)  # client mode: spark-submit exits with the stage's own dlpipe code
+
+
 def _cmd_demo(args: argparse.Namespace) -> None:
     from jobs.run import run_demo
 
@@ -97,6 +114,7 @@ def _cmd_demo(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for `dlpipe` and all its sub-commands."""
     from jobs.sample import SAMPLES
+    from jobs.submit import SUBMIT_STAGES
 
     parser = argparse.ArgumentParser(
         prog="dlpipe",
@@ -136,6 +154,18 @@ def build_parser() -> argparse.ArgumentParser:
     selection.add_argument("--from", dest="start", choices=STAGES, help="start at this stage")
     selection.add_argument("--only", choices=STAGES, help="run just this stage")
     run.add_argument("--force", action="store_true", help="rerun selected stages even when up to date")
+    sub = commands.add_parser("submit", help="run a stage on a cluster with spark-submit (or --print the command)")
+    sub.add_argument("stage", choices=SUBMIT_STAGES)
+    sub.add_argument("config", help="pipeline YAML")
+    sub.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    sub.add_argument("--master", required=True, help="spark://HOST:PORT, yarn, k8s://https://HOST:PORT")
+    sub.add_argument("--deploy-mode", choices=["client", "cluster"], default="client")
+    sub.add_argument("--conf", action="append", default=[], metavar="KEY=VALUE", help="extra Spark conf (repeatable)")
+    sub.add_argument("--python", help="executors' Python (default: this one, same path on every node)")
+    sub.add_argument("--archive", help="packed virtualenv shipped with --archives (executors use ./environment/bin/python)")
+    sub.add_argument("--dist", default="dist", help="where dlpipe.zip and the driver script are written")
+    sub.add_argument("--print", action="store_true", help="print the spark-submit command instead of running it")
+    sub.set_defaults(handler=_cmd_submit)
     demo = commands.add_parser("demo", help="write the sample data, run every stage, print the test report")
     demo.add_argument("config", nargs="?", default="conf/digits_cnn.yaml", help="pipeline YAML")
     demo.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override config values")
