@@ -8,15 +8,19 @@ from __future__ import annotations
 import json
 import logging
 import os
+import platform
 import subprocess
 import sys
 from contextlib import contextmanager, nullcontext
+from importlib import metadata
 from pathlib import Path
 from typing import Iterator
 
 import mlflow
+import torch
 
-from dl.distributed import distributed, is_master
+from dl import plots
+from dl.distributed import DistContext, distributed, is_master
 from dl.models import build_model
 from dl.serving import log_and_register
 from dl.tasks import build_task
@@ -57,7 +61,21 @@ def tracked_run(cfg: PipelineConfig, manifest: dict) -> Iterator[mlflow.ActiveRu
         })
         mlflow.log_text(cfg.to_yaml(), "config.yaml")
         mlflow.log_dict(manifest, "manifest.json")
+        quality = cfg.dataset_dir / "quality.json"
+        if quality.is_file():
+            mlflow.log_artifact(str(quality))
         yield run
+
+
+def system_info(ctx: DistContext) -> dict[str, str]:
+    """Where and with what the run trained: world size, backend, device and the envelope's versions."""
+    info = {"system.world_size": str(ctx.world_size), "system.backend": ctx.backend, "system.device": str(ctx.device),
+            "system.python": platform.python_version()}
+    if torch.cuda.is_available():
+        info["system.gpu"] = torch.cuda.get_device_name(ctx.device)
+    for package in ("torch", "pyspark", "pyarrow", "mlflow", "petastorm"):
+        info[f"system.{package}"] = metadata.version(package)
+    return info
 
 
 def train(cfg: PipelineConfig, manifest: dict) -> None:
@@ -77,9 +95,13 @@ def train(cfg: PipelineConfig, manifest: dict) -> None:
             )
             if not is_master():
                 return  # rank 0 alone tracks, registers and reports
+            mlflow.set_tags(system_info(ctx))
             mlflow.log_metrics({f"test_{name}": value for name, value in result.test_metrics.items()})
+            mlflow.log_figure(plots.learning_curves(result.history), "plots/learning_curves.png")
             if result.test_confusion is not None:
                 mlflow.log_dict({"classes": manifest["classes"], "matrix": result.test_confusion}, "test_confusion.json")
+                mlflow.log_figure(plots.confusion_matrix(result.test_confusion, manifest["classes"]),
+                                  "plots/confusion_matrix.png")
             if result.serving_state:
                 mlflow.log_dict(result.serving_state, "serving_state.json")
             version = log_and_register(network.cpu(), cfg, manifest, result.serving_state)

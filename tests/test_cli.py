@@ -92,7 +92,11 @@ def test_run_chains_etl_ddp_training_registration_and_scoring(tmp_path):
     assert run.data.metrics["test_accuracy"] == pytest.approx(accuracy)
     assert run.data.params["train.world_size"] == "2"
     artifacts = {a.path for a in client.list_artifacts(version.run_id)}
-    assert {"config.yaml", "manifest.json"} <= artifacts
+    assert {"config.yaml", "manifest.json", "quality.json", "test_confusion.json"} <= artifacts
+    plots = {a.path for a in client.list_artifacts(version.run_id, "plots")}
+    assert plots == {"plots/learning_curves.png", "plots/confusion_matrix.png"}
+    assert (run.data.tags["system.world_size"], run.data.tags["system.backend"]) == ("2", "gloo")
+    assert run.data.tags["system.torch"].startswith("2.13.0")
 
     # Lineage: any prediction row -> model version -> training run -> the raw inputs' content hash.
     row = predictions.iloc[0]
