@@ -113,11 +113,12 @@ def train_rank(config_path: str, overrides: Sequence[str]) -> int:
 def _exit_before_teardown(returned: list[int]) -> None:
     """Once the rank has returned (and TorchDistributor has saved its result), end the process without interpreter
     teardown: a rank seen aborting there ("terminate called without an active exception") skipped torchrun's exit
-    barrier, leaving the other node's torchrun waiting 300 s for it. A rank that raised exits normally (non-zero)."""
+    barrier, leaving the other node's torchrun waiting 300 s for it. The exit code is the rank's own; a rank that
+    raised exits normally (non-zero)."""
     if returned:
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(0)
+        os._exit(returned[0])
 
 
 def rank_overrides(cfg: PipelineConfig, overrides: Sequence[str]) -> list[str]:
