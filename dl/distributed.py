@@ -84,5 +84,9 @@ def distributed(backend: str = "auto", seed: int = 0) -> Iterator[DistContext]:
     seed_everything(seed, rank)
     try:
         yield DistContext(rank, local_rank, world_size, backend, device)
+        # Leave together: a rank that tore its group down while rank 0 was still logging and registering the
+        # model was seen aborting at exit (SIGABRT, "terminate called without an active exception"), which
+        # makes torchrun fail the whole job. On an exception there is no barrier: that rank fails at once.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
