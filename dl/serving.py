@@ -75,7 +75,6 @@ class ServingModel(mlflow.pyfunc.PythonModel):
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
-        self.__dict__.setdefault("task_state", {})  # models registered before tasks existed are classifiers
         self._device = torch.device(state.get("_device", "cpu"))
 
     @property

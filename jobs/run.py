@@ -143,7 +143,7 @@ class RunReport:
             f"promotion: {promotion['decision']} ({promotion['reason']}); "
             f"champion = version {promotion['champion_version_after']}",
             f"scored {scored['rows_out']} test rows with {scored['model_name']} version {scored['model_version']} "
-            f"({trained.get('task', 'classification')}):",
+            f"({trained['task']}):",
             *(f"  {name:<18} {value:.4f}" for name, value in self.metrics.items()),
             f"dataset:      {self.cfg.dataset_dir}",
             f"quarantine:   {self.cfg.quarantine_dir}",
@@ -167,7 +167,7 @@ def run_pipeline(config_path: str | Path, overrides: list[str], **selection) -> 
     if scored["rows_out"] != manifest["counts"]["test"]:
         raise RuntimeError(f"scored {scored['rows_out']} rows but the manifest's test split has {manifest['counts']['test']}")
     spark = spark_session(cfg.spark, f"dlpipe-report-{cfg.name}")
-    task = markers["train"]["summary"].get("task", "classification")  # runs trained before tasks: classifiers
+    task = markers["train"]["summary"]["task"]
     predictions = spark.read.parquet(str(scored["output"]))
     metrics = predictions_report(predictions, task, manifest["classes"], cfg.train.anomaly.normal_label)
     return RunReport(cfg, manifest, markers, metrics)

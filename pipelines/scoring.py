@@ -27,7 +27,6 @@ _MODELS: dict[tuple[str, str, str], tuple] = {}  # per Python worker: (tracking,
 # The serving model's output columns by type name (dl/tasks.py): Spark and Arrow types.
 _SPARK_TYPES = {"int": IntegerType(), "float": FloatType(), "boolean": BooleanType(), "array<float>": ArrayType(FloatType())}
 _ARROW_TYPES = {"int": pa.int32(), "float": pa.float32(), "boolean": pa.bool_()}
-CLASSIFIER_OUTPUTS = {"prediction": "int", "probability": "array<float>"}  # models registered without an `outputs` entry
 
 
 class BadFeatureRow(DataError):
@@ -86,9 +85,11 @@ def _arrow_column(values: np.ndarray, kind: str) -> pa.Array:
 
 
 def model_outputs(model_uri: str) -> dict[str, str]:
-    """The output columns (name -> type) a registered dlpipe model declares in its metadata; classifiers by default."""
+    """The output columns (name -> type) a registered dlpipe model declares in its metadata."""
     metadata = mlflow.models.get_model_info(model_uri).metadata or {}
-    return dict(metadata.get("outputs") or CLASSIFIER_OUTPUTS)
+    if "outputs" not in metadata:
+        raise ValueError(f"{model_uri} declares no output columns: it was not logged by dl.serving.log_and_register")
+    return dict(metadata["outputs"])
 
 
 def _score_batches(
