@@ -1,5 +1,8 @@
 """The only module that imports petastorm: one rank's shard of a Parquet split, as torch batches.
 
+petastorm is imported when a reader opens, so the trainer (and its Arrow loader) runs where petastorm is not
+installed, and `import dl.trainer` does not pay for it.
+
 petastorm shards by Parquet row group (row group i goes to rank i % world_size), so shards can be
 uneven and a split needs at least as many row groups as ranks. Batches are cut from petastorm's
 columnar row-group reads directly (its row-by-row `DataLoader` is several times slower on array columns).
@@ -13,7 +16,6 @@ from typing import Iterator
 import numpy as np
 import pyarrow.dataset as pads
 import torch
-from petastorm import make_batch_reader
 
 from pipelines.errors import DataError
 
@@ -88,6 +90,8 @@ def iter_batches(
 
     With `shuffle`, row-group order and the rows in each row group are permuted by `seed`: pass a new one each epoch.
     """
+    from petastorm import make_batch_reader
+
     url = f"file://{Path(path).resolve()}"  # not as_uri(): petastorm does not unquote the "=" in split=...
     with make_batch_reader(
         url,
