@@ -6,13 +6,15 @@ non-zero with a one-line reason on stderr on failure (codes below).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import sys
 from pathlib import Path
 
 from jobs.config import ConfigError, load_config
 from jobs.run import STAGES
-from jobs.stage import configure_logging
+from jobs.stage import LOG_FORMAT_ENV, LOG_FORMATS, configure_logging, log_format
 
 EXIT_CONFIG = 2
 EXIT_DATA = 3
@@ -31,7 +33,7 @@ examples:
   dlpipe run conf/digits_cnn.yaml --from train --force
   dlpipe score conf/digits_cnn.yaml --model models:/digits-cnn/1 --input runs/digits-cnn/dataset/split=test
 """
-NEEDS_TRACKING = {"train", "promote", "score", "run", "demo"}
+NEEDS_TRACKING = {"etl", "train", "promote", "score", "run", "demo"}
 
 
 def _cmd_sample(args: argparse.Namespace) -> None:
@@ -123,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--log-format", choices=LOG_FORMATS, help="text (default) or json: one JSON object per line "
+                        f"for schedulers, training ranks included (same as {LOG_FORMAT_ENV}=json)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     sample = commands.add_parser("sample", help="write a packaged data set as raw files (e.g. digits as PNGs)")
@@ -183,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     from jobs.tracking import TrackingUnavailable, require_tracking
     from pipelines.errors import DataError
 
+    if args.log_format:
+        os.environ[LOG_FORMAT_ENV] = args.log_format  # inherited by torchrun and its ranks
     configure_logging(logging.DEBUG if args.verbose else logging.INFO)
     failures = (
         (ConfigError, EXIT_CONFIG, "config error"),
@@ -199,7 +205,11 @@ def main(argv: list[str] | None = None) -> int:
         args.handler(args)
     except tuple(kind for kind, _, _ in failures) as exc:
         code, label = next((code, label) for kind, code, label in failures if isinstance(exc, kind))
-        print(f"dlpipe: {label}: {exc}", file=sys.stderr)
+        if log_format() == "json":
+            print(json.dumps({"level": "ERROR", "logger": "dlpipe", "message": f"{label}: {exc}", "failure": label,
+                              "exit_code": code}), file=sys.stderr)
+        else:
+            print(f"dlpipe: {label}: {exc}", file=sys.stderr)
         return code
     return 0
 

@@ -11,6 +11,7 @@ from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from jobs.config import PipelineConfig
+from jobs.lineage import etl_run, record_dataset
 from jobs.stage import stage
 from pipelines import images, tables, text
 from pipelines.baselines import forecast_baselines
@@ -42,13 +43,15 @@ UNKNOWN_CATEGORY = "<unknown>"  # id 0 of every categorical vocabulary: values n
 
 
 def run_etl(cfg: PipelineConfig) -> dict:
-    """Run the ETL stage for `cfg` and return the manifest it wrote next to the dataset."""
+    """Run the ETL stage for `cfg` as an MLflow run (`jobs.lineage`); return the manifest written next to the dataset."""
     spark = spark_session(cfg.spark, f"{cfg.name}-etl")
     recipes = {"image_folder": _image_etl, "timeseries": _timeseries_etl, "text": _text_etl}
     recipe = recipes.get(cfg.source.kind, _table_etl)
-    with stage("etl") as summary:
+    with stage("etl") as summary, etl_run(cfg) as run:
         manifest = recipe(spark, cfg)
-        summary.update({key: manifest["counts"][key] for key in ("rows_in", "rows_clean", "rows_quarantined", *SPLITS)})
+        record_dataset(cfg, manifest)
+        summary.update({key: manifest["counts"][key] for key in ("rows_in", "rows_clean", "rows_quarantined", *SPLITS)},
+                       run_id=run.info.run_id)
     return manifest
 
 

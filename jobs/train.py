@@ -26,6 +26,7 @@ from dl.serving import log_and_register
 from dl.tasks import build_task
 from dl.trainer import fit, resumes
 from jobs.config import ConfigError, PipelineConfig, load_config
+from jobs.lineage import link_training_to_dataset
 from jobs.stage import configure_logging, stage
 from jobs.tracking import use_experiment
 from pipelines.atomic import write_text_atomic
@@ -64,6 +65,7 @@ def tracked_run(cfg: PipelineConfig, manifest: dict) -> Iterator[mlflow.ActiveRu
         quality = cfg.dataset_dir / "quality.json"
         if quality.is_file():
             mlflow.log_artifact(str(quality))
+        link_training_to_dataset(cfg, manifest)
         yield run
 
 

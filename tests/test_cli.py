@@ -15,6 +15,7 @@ from mlflow import MlflowClient
 
 from jobs.cli import EXIT_CONFIG, EXIT_DATA, main
 from jobs.sample import write_digits
+from jobs.stage import LOG_FORMAT_ENV, configure_logging, stage
 
 DIGITS = Path(__file__).resolve().parents[1] / "conf" / "digits_cnn.yaml"
 
@@ -55,6 +56,29 @@ def test_missing_input_folder_exits_with_data_code(tmp_path):
     assert done.stderr.strip().splitlines()[-1] == (
         f"dlpipe: data error: image folder {missing} does not exist (source.path: {missing})"
     )
+
+
+def test_json_log_format_writes_one_object_per_line_ending_with_the_failure(tmp_path):
+    missing = tmp_path / "no-such-folder"
+    done = dlpipe("--log-format", "json", "etl", str(DIGITS), f"source.path={missing}", f"run_dir={tmp_path / 'run'}",
+                  cwd=tmp_path)
+    assert done.returncode == EXIT_DATA
+    ours = [json.loads(line) for line in done.stderr.splitlines() if line.startswith("{")]  # (the JVM logs its own way)
+    assert {"time", "level", "logger", "message"} <= set(ours[0])
+    assert any(entry["logger"] == "dlpipe.etl" and entry["message"] == "started" for entry in ours)
+    assert ours[-1] == {"level": "ERROR", "logger": "dlpipe", "failure": "data error", "exit_code": EXIT_DATA,
+                        "message": f"data error: image folder {missing} does not exist (source.path: {missing})"}
+
+
+def test_stage_summary_fields_reach_the_json_log(monkeypatch, capsys):
+    monkeypatch.setenv(LOG_FORMAT_ENV, "json")
+    configure_logging()
+    with stage("etl") as summary:
+        summary.update(rows_in=10, rows_quarantined=1)
+    done = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
+    assert done["message"].startswith("done in ") and done["message"].endswith("rows_in=10 rows_quarantined=1")
+    assert (done["stage"], done["rows_in"], done["rows_quarantined"]) == ("etl", 10, 1)
+    assert done["seconds"] >= 0
 
 
 @pytest.mark.slow
@@ -104,6 +128,16 @@ def test_run_chains_etl_ddp_training_registration_and_scoring(tmp_path):
     scored_with = client.get_model_version(row["model_name"], row["model_version"])
     assert scored_with.tags["dataset_content_hash"] == raw_hash
     assert client.get_run(row["model_run_id"]).data.tags["dataset.content_hash"] == raw_hash
+    # ... and the training run -> the ETL run that wrote its dataset (also recorded as the run's input).
+    etl_run = client.get_run(run.data.tags["dlpipe.etl_run_id"])
+    assert etl_run.data.tags["dlpipe.stage"] == "etl"
+    assert etl_run.data.tags["dataset.content_hash"] == raw_hash
+    assert etl_run.data.tags["dataset.digest"] == run.data.tags["dataset.digest"]
+    assert etl_run.data.metrics["rows_in"] == manifest["counts"]["rows_in"]
+    assert etl_run.data.params["split.method"] == "ranked" and "train.epochs" not in etl_run.data.params
+    assert {a.path for a in client.list_artifacts(etl_run.info.run_id)} >= {"manifest.json", "quality.json"}
+    trained_on = [d.dataset for d in run.inputs.dataset_inputs]
+    assert [(d.name, d.digest) for d in trained_on] == [("digits-cnn-dataset", run.data.tags["dataset.digest"])]
     scoring_runs = client.search_runs([run.info.experiment_id], "tags.`dlpipe.stage` = 'score'")
     assert [r.data.tags["model.version"] for r in scoring_runs] == [row["model_version"]]
     assert scoring_runs[0].data.tags["output.path"] == str((run_dir / "predictions").resolve())
