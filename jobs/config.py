@@ -493,12 +493,29 @@ def _flatten(data: dict, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+class _YamlLoader(yaml.SafeLoader):
+    """YAML with the 1.2 booleans only (true/false): 1.1's on/off/yes/no stay strings, so `amp: off` means "off"."""
+
+
+_YamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, pattern) for tag, pattern in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_YamlLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                  list("tTfF"))
+
+
+def read_yaml(text: str) -> Any:
+    """Parse config YAML (see `_YamlLoader` for booleans)."""
+    return yaml.load(text, Loader=_YamlLoader)
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """Parse `key.sub=value` into (["key", "sub"], value); the value is read as YAML."""
     key, sep, raw = text.partition("=")
     if not sep or not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {text!r}: expected key.sub=value")
-    return key.split("."), yaml.safe_load(raw) if raw else ""
+    return key.split("."), read_yaml(raw) if raw else ""
 
 
 def _apply_override(data: dict, keys: list[str], value: Any, text: str) -> None:
@@ -553,7 +570,7 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = read_yaml(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(data, dict):

@@ -82,6 +82,16 @@ def test_missing_file_and_bad_yaml_are_clear(tmp_path):
         load_config(bad)
 
 
+def test_off_and_no_are_words_not_booleans_in_files_and_overrides(tmp_path):
+    # YAML 1.1 reads `off` as False, which made `train.amp=off` and `score.drift.action=off` invalid.
+    cfg = load_config(DIGITS, ["train.amp=off", "score.drift.action=off", "train.resume=true"])
+    assert (cfg.train.amp, cfg.score.drift.action, cfg.train.resume) == ("off", "off", True)
+    assert parse_override("a.b=no") == (["a", "b"], "no") and parse_override("a.b=False") == (["a", "b"], False)
+    written = tmp_path / "conf.yaml"
+    written.write_text(DIGITS.read_text() + "\ntrain: {amp: off, resume: false}\n")
+    assert load_config(written).train.amp == "off"
+
+
 @pytest.mark.parametrize("text", ["noequals", "=3", "a..b=1"])
 def test_malformed_override_is_rejected(text):
     with pytest.raises(ConfigError, match="expected key.sub=value"):
