@@ -5,6 +5,7 @@ import threading
 import time
 
 import numpy as np
+import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -247,6 +248,23 @@ def test_reads_stay_at_most_prefetch_ahead(split, monkeypatch):
     time.sleep(0.2)  # a slow training step: the readers must not run ahead of the bounded queue
     assert len(started) <= 1 + 2  # the row group being consumed + `prefetch` in flight
     iterator.close()
+
+
+def test_memory_stays_flat_across_epochs(tmp_path):
+    rows, width = 40_000, 64  # 10 MB of features in 8 row groups: a loader keeping one epoch's batches adds 10 MB
+    features = pa.FixedSizeListArray.from_arrays(pa.array(np.ones(rows * width, np.float32)), width)
+    (tmp_path / "split").mkdir()
+    pq.write_table(pa.table({"features": features.cast(pa.list_(pa.float32())), "label": np.zeros(rows, np.int32)}),
+                   tmp_path / "split" / "part-0.parquet", row_group_size=rows // 8)
+    loader = ArrowLoader(tmp_path / "split", ("features", "label"), batch_size=256, prefetch=2)
+    process = psutil.Process()
+    rss_after_epoch = []
+    for epoch in range(12):
+        loader.set_epoch(epoch)
+        assert sum(len(batch["label"]) for batch in loader) == rows
+        rss_after_epoch.append(process.memory_info().rss)
+    # After two warm-up epochs, ten more add less than two epochs' worth of data (allocator noise: ~8 MB here).
+    assert max(rss_after_epoch[2:]) - rss_after_epoch[1] < 20_000_000
 
 
 def test_reader_errors_reach_the_consumer(tmp_path):
