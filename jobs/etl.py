@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pyspark import StorageLevel
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
@@ -40,6 +41,9 @@ from pipelines.vocabulary import fit_vocabulary
 from pipelines.windows import sliding_windows
 
 UNKNOWN_CATEGORY = "<unknown>"  # id 0 of every categorical vocabulary: values not seen in train
+# Inputs reused by several passes are cached on disk, not in the heap: building an in-memory cache of 10M
+# checked rows ran a 1 GiB driver out of heap (tests/reliability/test_load.py); on disk it leaves execution the heap.
+CACHE = StorageLevel.DISK_ONLY
 
 
 def run_etl(cfg: PipelineConfig) -> dict:
@@ -57,7 +61,7 @@ def run_etl(cfg: PipelineConfig) -> dict:
 
 def _image_etl(spark: SparkSession, cfg: PipelineConfig) -> dict:
     channels, height, width = images.feature_shape(cfg.source)
-    decoded = images.ingest_image_folder(spark, cfg.source).persist()  # images are decoded once, then reused
+    decoded = images.ingest_image_folder(spark, cfg.source).persist(CACHE)  # images are decoded once, then reused
     try:
         counts, reasons = _quarantine(decoded, images.is_clean(), cfg)
         clean = images.clean_rows(decoded)
@@ -82,7 +86,7 @@ def _image_etl(spark: SparkSession, cfg: PipelineConfig) -> dict:
 def _table_etl(spark: SparkSession, cfg: PipelineConfig) -> dict:
     source = cfg.source
     files = tables.source_files(source.path)
-    checked = tables.ingest_table(spark, source, files).persist()  # the input is read once, then reused
+    checked = tables.ingest_table(spark, source, files).persist(CACHE)  # the input is read once, then reused
     try:
         counts, reasons = _quarantine(checked, tables.is_clean(), cfg)
         tables.check_duplicates(reasons, source)
@@ -91,7 +95,7 @@ def _table_etl(spark: SparkSession, cfg: PipelineConfig) -> dict:
         clean, classes = _encoded_labels(clean, source.label)
         rows = split_rows(clean, "id", "label" if classes else None, cfg.split)
         train = _train(rows)
-        scaler = fit_scaler(train, "raw_features", cfg.normalize, group_size=1)
+        scaler = fit_scaler(train, "raw_features", cfg.normalize, group_size=1, names=numeric)
         vocabularies = {name: fit_vocabulary(train, name, (UNKNOWN_CATEGORY,), oov_id=0) for name in categorical}
         indexed = rows.select("*", *[v.index(F.col(n)).alias(f"{n}_index") for n, v in vocabularies.items()])
         dataset = dataset_columns(
@@ -123,13 +127,13 @@ def _timeseries_etl(spark: SparkSession, cfg: PipelineConfig) -> dict:
     if cfg.split.method != "time" or cfg.split.time_column != source.time_column:
         raise DataError(f"a time series needs split.method time with split.time_column '{source.time_column}'")
     files = tables.source_files(source.path)
-    checked = tables.ingest_table(spark, source, files).persist()
+    checked = tables.ingest_table(spark, source, files).persist(CACHE)
     try:
         counts, reasons = _quarantine(checked, tables.is_clean(), cfg)
         tables.check_duplicates(reasons, source)
         inputs = source.input_columns
         steps = split_rows(tables.with_raw_features(checked.where(tables.is_clean()), inputs), "id", None, cfg.split)
-        scaler = fit_scaler(_train(steps), "raw_features", cfg.normalize, group_size=1)
+        scaler = fit_scaler(_train(steps), "raw_features", cfg.normalize, group_size=1, names=inputs)
         scaled = scaler.transform(steps, "raw_features", "features")
         windows = sliding_windows(scaled, window, source.time_column, source.series_key, source.target)
         dataset = dataset_columns(windows, cfg.output.keep_raw, labelled=False, extra=("target",))
@@ -162,7 +166,7 @@ def _timeseries_etl(spark: SparkSession, cfg: PipelineConfig) -> dict:
 def _text_etl(spark: SparkSession, cfg: PipelineConfig) -> dict:
     source = cfg.source
     files = tables.source_files(source.path)
-    checked = text.tokenize(tables.ingest_table(spark, source, files), source).persist()
+    checked = tables.ingest_table(spark, source, files, check=lambda rows: text.tokenize(rows, source)).persist(CACHE)
     try:
         counts, reasons = _quarantine(checked, tables.is_clean(), cfg)
         tables.check_duplicates(reasons, source)
@@ -172,11 +176,12 @@ def _text_etl(spark: SparkSession, cfg: PipelineConfig) -> dict:
         vocabulary = text.fit_text_vocabulary(_train(rows), source)
         indexed = text.token_ids(rows, vocabulary, source.max_length)
         keep_raw = cfg.output.keep_raw
-        dataset = dataset_columns(indexed, keep_raw, bool(classes), features=("tokens", "length"), raw="text")
+        dataset = dataset_columns(indexed, keep_raw, bool(classes), features=("features", "length"), raw="text")
         preprocessing = {
             "text_column": source.text_column,
             "token_pattern": source.token_pattern,
             "lowercase": source.lowercase,
+            "min_token_length": source.min_token_length,
             "max_length": source.max_length,
             "pad_id": text.PAD_ID,
             "vocabulary": vocabulary.to_dict(),

@@ -1,18 +1,62 @@
-"""Atomic outputs: write into a temporary sibling, then swap it into place in one rename."""
+"""Atomic outputs: write into a temporary sibling, then swap it into place in one rename; and the locks
+that keep two writers of one output (or two runs of one pipeline) apart."""
 from __future__ import annotations
 
+import fcntl
+import os
 import shutil
+import time
 import uuid
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Iterator
+
+
+class LockHeld(RuntimeError):
+    """Another process holds the lock: a run of the same pipeline, or a job writing the same output."""
+
+
+class OutputLocked(LockHeld):
+    """Another job is writing the same output path."""
+
+
+@contextmanager
+def exclusive_lock(path: Path, what: str, error: type[LockHeld] = LockHeld) -> Iterator[None]:
+    """Hold an flock on `path` for the block; when another process holds it raise `error` at once (never wait),
+    naming `what` and the holder. The kernel releases the lock when its holder dies."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise error(f"{what} ({holder})") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+        handle.flush()
+        try:
+            yield
+        finally:
+            handle.truncate(0)
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def output_lock(target: Path) -> AbstractContextManager[None]:
+    """Hold `<parent>/.<name>.lock` while a job writes `target`; a second writer gets OutputLocked at once."""
+    target = Path(target).resolve()
+    return exclusive_lock(target.with_name(f".{target.name}.lock"), f"output {target} is being written by another job",
+                          OutputLocked)
 
 
 @contextmanager
 def atomic_directory(target: Path) -> Iterator[Path]:
     """Yield a temp directory next to `target`; on success it replaces `target`, on error it is removed.
 
-    Staging folders left by a killed earlier writer are removed first (callers hold the pipeline lock).
+    Staging folders left by a killed earlier writer are removed first, so callers must hold the pipeline
+    lock or `output_lock(target)`: another live writer's staging folder would go too.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -3,10 +3,14 @@
 Layout: `<root>/<class>/<file>`; the label is the name of the file's parent folder and the row key `id` is
 the path relative to `<root>` (e.g. `3/0042.png`). A row with a `reason` is quarantined; the rest are clean.
 Like every Spark file source, the listing skips hidden files and folders (names starting with `.` or `_`).
+Every mode PIL reads (grey, 16-bit grey, bilevel, grey + alpha, palette, RGB, RGBA, CMYK JPEG) is converted to
+`channels` (alpha is dropped, not composited, as torchvision's folder loader does) and resized to `image_size`; an
+image whose header claims more than `max_image_pixels` pixels is quarantined before its pixels are decoded.
 """
 from __future__ import annotations
 
 import io
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Iterator
@@ -43,12 +47,51 @@ def feature_shape(source: ImageFolderSource) -> tuple[int, int, int]:
     return source.channels, height, width
 
 
-def decode_image(data: bytes, image_size: tuple[int, int], channels: int) -> np.ndarray:
-    """Decode one image file to float32 pixels 0..255, flattened C*H*W in C,H,W order; raises if undecodable."""
-    with Image.open(io.BytesIO(data)) as image:
-        image.verify()  # checks the whole file (chunk CRCs, end marker): catches truncation that load() forgives
-    with Image.open(io.BytesIO(data)) as image:
-        pixels = image.convert("L" if channels == 1 else "RGB")
+class ImageTooLarge(ValueError):
+    """An image whose header claims more pixels than `source.max_image_pixels` (a decompression bomb, or just huge)."""
+
+
+@contextmanager
+def _pil_pixel_limit(limit: int | None) -> Iterator[None]:
+    """PIL's process-wide decompression-bomb limit set to `limit` (None: off) for one decode, then restored.
+
+    Spark's Python workers decode a partition's batches one at a time in one thread, so nothing else sees it.
+    """
+    saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, limit
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+
+
+def _eight_bit(image: Image.Image) -> Image.Image:
+    """16-bit grey (`I;16`) rescaled to 8 bits (65535 -> 255); PIL's own conversion would clip it at 255."""
+    if not image.mode.startswith("I;16"):
+        return image
+    return Image.fromarray(np.round(np.asarray(image, dtype=np.float64) / 257).astype(np.uint8))
+
+
+def decode_image(
+    data: bytes,
+    image_size: tuple[int, int],
+    channels: int,
+    max_pixels: int = ImageFolderSource.model_fields["max_image_pixels"].default,
+) -> np.ndarray:
+    """Decode one image file to float32 pixels 0..255, flattened C*H*W in C,H,W order; raises if undecodable.
+
+    The size is read from the header first (PIL's own bomb check off, so its warning or error cannot pre-empt
+    ours): more than `max_pixels` raises ImageTooLarge before anything is decoded. The decode itself runs under
+    PIL's check at `max_pixels`, which also guards frames and tiles that claim more than the header.
+    """
+    with _pil_pixel_limit(None), Image.open(io.BytesIO(data)) as image:
+        claimed = image.size  # (width, height), from the header alone
+    if claimed[0] * claimed[1] > max_pixels:
+        raise ImageTooLarge(f"image too large: {claimed[0]}x{claimed[1]} pixels exceeds {max_pixels}")
+    with _pil_pixel_limit(max_pixels):
+        with Image.open(io.BytesIO(data)) as image:
+            image.verify()  # checks the whole file (chunk CRCs, end marker): catches truncation that load() forgives
+        with Image.open(io.BytesIO(data)) as image:
+            pixels = _eight_bit(image).convert("L" if channels == 1 else "RGB")
     height, width = image_size
     if pixels.size != (width, height):
         pixels = pixels.resize((width, height), Image.Resampling.BILINEAR)
@@ -60,6 +103,8 @@ def quarantine_reason(error: Exception) -> str:
     """A precise, stable reason for a file PIL could not decode (no object addresses, so reasons group)."""
     if isinstance(error, UnidentifiedImageError):
         return "undecodable image: cannot identify image file"
+    if isinstance(error, ImageTooLarge):
+        return str(error)
     return f"undecodable image: {str(error) or type(error).__name__}"
 
 
@@ -76,7 +121,7 @@ def _describe_bytes(content: bytes) -> str:
 
 
 def _decode_file(
-    key: str, content: bytes, image_size: tuple[int, int], channels: int
+    key: str, content: bytes, image_size: tuple[int, int], channels: int, max_pixels: int
 ) -> tuple[str | None, np.ndarray | None, str | None]:
     """(label, pixels, reason) of one file: pixels when it decodes, else None and why not."""
     folder, _, _ = key.rpartition("/")
@@ -84,7 +129,7 @@ def _decode_file(
         return None, None, NOT_IN_CLASS_FOLDER
     label = folder.rpartition("/")[2]
     try:
-        return label, decode_image(content, image_size, channels), None
+        return label, decode_image(content, image_size, channels, max_pixels), None
     except Exception as error:  # any decoding failure is a property of the file: quarantine it
         return label, None, quarantine_reason(error)
 
@@ -99,10 +144,12 @@ def _float_lists(rows: list[np.ndarray | None]) -> pa.ListArray:
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, type=pa.float32()), mask=nulls)
 
 
-def _decode_batch(batch: pa.RecordBatch, root: str, image_size: tuple[int, int], channels: int) -> pa.RecordBatch:
+def _decode_batch(
+    batch: pa.RecordBatch, root: str, image_size: tuple[int, int], channels: int, max_pixels: int
+) -> pa.RecordBatch:
     keys = [relative_key(path, root) for path in batch.column("path").to_pylist()]
     contents = batch.column("content").to_pylist()
-    decoded = [_decode_file(key, content, image_size, channels) for key, content in zip(keys, contents)]
+    decoded = [_decode_file(key, content, image_size, channels, max_pixels) for key, content in zip(keys, contents)]
     reasons = [reason for _, _, reason in decoded]
     records = [None if reason is None else _describe_bytes(content) for reason, content in zip(reasons, contents)]
     columns = [
@@ -118,10 +165,10 @@ def _decode_batch(batch: pa.RecordBatch, root: str, image_size: tuple[int, int],
 
 
 def _decode_batches(
-    batches: Iterator[pa.RecordBatch], root: str, image_size: tuple[int, int], channels: int
+    batches: Iterator[pa.RecordBatch], root: str, image_size: tuple[int, int], channels: int, max_pixels: int
 ) -> Iterator[pa.RecordBatch]:
     for batch in batches:
-        yield _decode_batch(batch, root, image_size, channels)
+        yield _decode_batch(batch, root, image_size, channels, max_pixels)
 
 
 def ingest_image_folder(spark: SparkSession, source: ImageFolderSource) -> DataFrame:
@@ -137,7 +184,13 @@ def ingest_image_folder(spark: SparkSession, source: ImageFolderSource) -> DataF
         .load(str(root))
         .select("path", "content", F.sha2("content", 256).alias("content_sha256"))
     )
-    decode = partial(_decode_batches, root=str(root), image_size=tuple(source.image_size), channels=source.channels)
+    decode = partial(
+        _decode_batches,
+        root=str(root),
+        image_size=tuple(source.image_size),
+        channels=source.channels,
+        max_pixels=source.max_image_pixels,
+    )
     return files.mapInArrow(decode, DECODED_SCHEMA)
 
 

@@ -5,7 +5,9 @@ object applies it to a Spark column at ETL time and to a NumPy batch at scoring 
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass
+from typing import Sequence
 
 import numpy as np
 from pyspark.sql import Column, DataFrame
@@ -14,6 +16,9 @@ from pyspark.sql import functions as F
 from jobs.config import NormalizeConf
 
 ROBUST_ACCURACY = 100_000  # percentile_approx accuracy: relative rank error at most 1/ROBUST_ACCURACY
+SPREAD_NAMES = {"zscore": "standard deviation", "log1p": "standard deviation", "minmax": "range", "robust": "IQR"}
+
+log = logging.getLogger("dlpipe.scaling")
 
 
 @dataclass(frozen=True)
@@ -22,6 +27,8 @@ class FittedScaler:
 
     With method `log1p`, x is first replaced by sign(x) * log1p(|x|) (defined for every real x).
     A missing element (null, or NaN in NumPy) scales to 0: the train mean / median for zscore / robust.
+    A group with zero spread on the train split (a constant column; an IQR of 0) has scale 1, not 0: its train
+    value maps to 0 and any other value stays finite. `zero_spread` names those groups.
     """
 
     method: str
@@ -29,13 +36,16 @@ class FittedScaler:
     group_size: int  # consecutive array elements sharing one statistic (H*W per channel, 1 per feature)
     offset: tuple[float, ...]
     scale: tuple[float, ...]
+    zero_spread: tuple[str, ...] = ()  # the groups scaled by 1 because their train spread was 0
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "offset": list(self.offset), "scale": list(self.scale)}
+        return {**asdict(self), "offset": list(self.offset), "scale": list(self.scale),
+                "zero_spread": list(self.zero_spread)}
 
     @classmethod
     def from_dict(cls, data: dict) -> "FittedScaler":
-        return cls(data["method"], data["per"], int(data["group_size"]), tuple(data["offset"]), tuple(data["scale"]))
+        return cls(data["method"], data["per"], int(data["group_size"]), tuple(data["offset"]), tuple(data["scale"]),
+                   tuple(data.get("zero_spread", ())))  # informational; absent from manifests written before it
 
     def column(self, values: Column) -> Column:
         """The scaled array<float> as a Spark column expression (runs in the JVM, no Python UDF)."""
@@ -52,13 +62,16 @@ class FittedScaler:
         return df.withColumn(output_col, self.column(F.col(input_col)))
 
     def apply(self, values: np.ndarray) -> np.ndarray:
-        """Scale a [N, D] NumPy batch exactly as `transform` does (float64 arithmetic, float32 result)."""
+        """Scale a [N, D] NumPy batch exactly as `transform` does (float64 arithmetic, float32 result).
+
+        A row of several steps (a time-series window: L x n_inputs, time-major) repeats the groups at every step.
+        """
         values = np.asarray(values, dtype=np.float64)
         if self.method == "log1p":
             values = np.sign(values) * np.log1p(np.abs(values))
-        groups = values.reshape(values.shape[0], len(self.offset), self.group_size)
-        offset = np.asarray(self.offset)[None, :, None]
-        scale = np.asarray(self.scale)[None, :, None]
+        groups = values.reshape(values.shape[0], -1, len(self.offset), self.group_size)
+        offset = np.asarray(self.offset)[None, None, :, None]
+        scale = np.asarray(self.scale)[None, None, :, None]
         return np.nan_to_num((groups - offset) / scale, nan=0.0).reshape(values.shape).astype(np.float32)
 
 
@@ -81,8 +94,14 @@ def _statistics(value: Column, conf: NormalizeConf) -> tuple[Column, Column]:
     return F.mean(value), F.stddev_pop(value)
 
 
-def fit_scaler(train: DataFrame, column: str, conf: NormalizeConf, group_size: int) -> FittedScaler:
-    """Fit scaling statistics on `train` only (callers pass the train split, never val/test)."""
+def fit_scaler(
+    train: DataFrame, column: str, conf: NormalizeConf, group_size: int, names: Sequence[str] | None = None
+) -> FittedScaler:
+    """Fit scaling statistics on `train` only (callers pass the train split, never val/test).
+
+    `names` names the statistic groups (the table's numeric columns) in warnings and `zero_spread`; without
+    them group g is `<column>[g]` (channel g, or element g with `per: feature`).
+    """
     group_size = 1 if conf.per == "feature" else group_size
     exploded = train.select(F.posexplode(column).alias("pos", "value"))
     by_group = exploded.groupBy(F.floor(F.col("pos") / group_size).cast("int").alias("group"))
@@ -90,6 +109,19 @@ def fit_scaler(train: DataFrame, column: str, conf: NormalizeConf, group_size: i
     rows = sorted(by_group.agg(offset.alias("offset"), spread.alias("spread")).collect(), key=lambda r: r["group"])
     if not rows:  # one row per statistic group: tiny
         raise ValueError(f"cannot fit a scaler on column '{column}': the train split is empty")
-    # A constant group (zero spread) would divide by zero: scale it by 1 so it maps to 0, not NaN/Inf.
-    scale = tuple(float(r["spread"]) if r["spread"] and r["spread"] > 0 else 1.0 for r in rows)
-    return FittedScaler(conf.method, conf.per, group_size, tuple(float(r["offset"]) for r in rows), scale)
+    names = list(names) if names is not None else [f"{column}[{r['group']}]" for r in rows]
+    if len(names) != len(rows):
+        raise ValueError(f"{len(names)} names for the {len(rows)} statistic groups of column '{column}'")
+    # A zero spread (a constant group; Spark's aggregates give exactly 0 for equal values) would divide by zero:
+    # scale by 1 instead, so the train value maps to 0 and val/test values stay finite (no NaN/Inf).
+    spread_ok = [r["spread"] is not None and r["spread"] > 0 for r in rows]
+    zero_spread = tuple(name for name, ok in zip(names, spread_ok) if not ok)
+    if zero_spread:
+        log.warning(
+            "normalize.method %s: %s zero on the train split for %s: scaled by 1 instead (manifest: "
+            "scaler.zero_spread)",
+            conf.method, SPREAD_NAMES[conf.method], ", ".join(repr(name) for name in zero_spread),
+        )
+    scale = tuple(float(r["spread"]) if ok else 1.0 for r, ok in zip(rows, spread_ok))
+    offset = tuple(float(r["offset"]) for r in rows)
+    return FittedScaler(conf.method, conf.per, group_size, offset, scale, zero_spread)

@@ -1,8 +1,9 @@
 """Spark batch scoring: a registered model applied to Parquet, Arrow batch by Arrow batch.
 
 The driver resolves the model URI to one registry version, so every executor scores with the same
-model even if `latest` or an alias moves mid-job. Each Python worker loads that version once and
-reads Arrow's flat list values as an [N, D] array without touching rows one by one.
+model even if `latest` or an alias moves mid-job, and reads from the model's metadata what it takes (raw
+features or raw text, and from which column) and what it returns. Each Python worker loads that version once and
+reads Arrow's flat list values as an [N, D] array without touching rows one by one (text: the strings).
 """
 from __future__ import annotations
 
@@ -21,27 +22,30 @@ from pyspark.sql.types import ArrayType, BooleanType, FloatType, IntegerType, St
 
 from pipelines.atomic import atomic_directory
 from pipelines.errors import DataError
+from pipelines.input_schema import KEY_TYPES, LABEL_TYPES, NUMERIC_ARRAY_TYPES, TARGET_TYPES, check_columns
 
 _BAD_ROW = "dlpipe-bad-feature-row:"
-_MODELS: dict[tuple[str, str, str], tuple] = {}  # per Python worker: (tracking, registry, uri) -> loaded model
+_MODELS: dict[tuple[str, str, str, str], tuple] = {}  # per Python worker: (tracking, registry, uri, device) -> model
 # The serving model's output columns by type name (dl/tasks.py): Spark and Arrow types.
-_SPARK_TYPES = {"int": IntegerType(), "float": FloatType(), "boolean": BooleanType(), "array<float>": ArrayType(FloatType())}
+_SPARK_TYPES = {"int": IntegerType(), "float": FloatType(), "boolean": BooleanType(), "array<float>": ArrayType(FloatType()),
+                "string": StringType()}
 _ARROW_TYPES = {"int": pa.int32(), "float": pa.float32(), "boolean": pa.bool_()}
+_INPUT_TYPES = {"features": NUMERIC_ARRAY_TYPES, "text": ("string",)}  # model input kind -> accepted Spark types
 
 
 class BadFeatureRow(DataError):
     """An input row whose feature array is null, has null values, or has the wrong length."""
 
 
-def _cached_model(tracking_uri: str, registry_uri: str, model_uri: str) -> tuple:
-    """The worker's loaded model for `model_uri`, loading it on first use only."""
-    key = (tracking_uri, registry_uri, model_uri)
+def _cached_model(tracking_uri: str, registry_uri: str, model_uri: str, device: str) -> tuple:
+    """The worker's loaded model for `model_uri` on `device`, loading it on first use only."""
+    key = (tracking_uri, registry_uri, model_uri, device)
     if key not in _MODELS:
         from dl.serving import load_scoring_model  # torch is imported in workers only when they score
 
         mlflow.set_tracking_uri(tracking_uri)
         mlflow.set_registry_uri(registry_uri)
-        _MODELS[key] = load_scoring_model(model_uri)
+        _MODELS[key] = load_scoring_model(model_uri, device)
     return _MODELS[key]
 
 
@@ -75,21 +79,43 @@ def _repeat(value: str, length: int) -> pa.Array:
     return pa.array([value], pa.string()).take(pa.array(np.zeros(length, dtype=np.int64)))
 
 
-def _arrow_column(values: np.ndarray, kind: str) -> pa.Array:
-    """One output column as Arrow: a flat array, or a list<float> array built from [N, K] values without row loops."""
+def _arrow_column(values: np.ndarray, kind: str, nulls: np.ndarray | None = None) -> pa.Array:
+    """One output column as Arrow: a flat array, or a list<float> array built from [N, K] values without row loops;
+    rows in the `nulls` mask are null."""
+    if kind == "string":
+        return pa.array(values, pa.string())
     if kind == "array<float>":
         rows, width = values.shape
         offsets = pa.array(np.arange(0, rows * width + 1, width, dtype=np.int32))
-        return pa.ListArray.from_arrays(offsets, pa.array(values.reshape(-1).astype(np.float32, copy=False)))
-    return pa.array(values.astype(_ARROW_TYPES[kind].to_pandas_dtype(), copy=False), _ARROW_TYPES[kind])
+        mask = None if nulls is None else pa.array(nulls, pa.bool_())
+        return pa.ListArray.from_arrays(offsets, pa.array(values.reshape(-1).astype(np.float32, copy=False)), mask=mask)
+    return pa.array(values.astype(_ARROW_TYPES[kind].to_pandas_dtype(), copy=False), _ARROW_TYPES[kind], mask=nulls)
+
+
+def _model_inputs(kind: str, column: pa.Array, ids: pa.Array, name: str, width: int):
+    """One Arrow batch's model input: [N, width] raw features, or the texts (None where null)."""
+    if kind == "text":
+        return column.to_pylist()
+    return feature_matrix(column, ids, width, name)
+
+
+def _metadata(model_uri: str, key: str):
+    metadata = mlflow.models.get_model_info(model_uri).metadata or {}
+    if key not in metadata:
+        raise ValueError(f"{model_uri} declares no '{key}' in its metadata: it was not logged by "
+                         f"dl.serving.log_and_register")
+    return metadata[key]
 
 
 def model_outputs(model_uri: str) -> dict[str, str]:
     """The output columns (name -> type) a registered dlpipe model declares in its metadata."""
-    metadata = mlflow.models.get_model_info(model_uri).metadata or {}
-    if "outputs" not in metadata:
-        raise ValueError(f"{model_uri} declares no output columns: it was not logged by dl.serving.log_and_register")
-    return dict(metadata["outputs"])
+    return dict(_metadata(model_uri, "outputs"))
+
+
+def model_input(model_uri: str) -> tuple[str, str]:
+    """(kind, column) of what a registered dlpipe model takes: `features` from `raw_features`, or `text` from `text`."""
+    declared = _metadata(model_uri, "input")
+    return declared["kind"], declared["column"]
 
 
 def _score_batches(
@@ -99,19 +125,25 @@ def _score_batches(
     tracking_uri: str,
     registry_uri: str,
     input_col: str,
+    input_kind: str,
     keep: tuple[str, ...],
     outputs: dict[str, str],
     batch_size: int,
+    device: str,
 ) -> Iterator[pa.RecordBatch]:
-    """mapInArrow body: raw features in, `keep` columns + the model's `outputs` and model lineage out."""
-    model, name, version, run_id = _cached_model(tracking_uri, registry_uri, model_uri)
+    """mapInArrow body: raw inputs in, `keep` columns + the model's `outputs` and model lineage out."""
+    from dl.serving import unscored_rows
+
+    model, name, version, run_id = _cached_model(tracking_uri, registry_uri, model_uri, device)
     _limit_threads_to_task()
-    width = model.num_features
     for batch in batches:
         rows = batch.num_rows
-        raw = feature_matrix(batch.column(input_col), batch.column("id"), width, input_col)
-        scored = model.predict_columns(raw, batch_size=batch_size)
-        columns = [batch.column(c) for c in keep] + [_arrow_column(scored[o], kind) for o, kind in outputs.items()] + [
+        inputs = _model_inputs(input_kind, batch.column(input_col), batch.column("id"), input_col, model.num_features)
+        scored = model.predict_columns(inputs, batch_size=batch_size)
+        nulls = unscored_rows(scored)
+        columns = [batch.column(c) for c in keep] + [
+            _arrow_column(scored[o], kind, None if kind == "string" else nulls) for o, kind in outputs.items()
+        ] + [
             _repeat(name, rows),
             _repeat(version, rows),
             _repeat(run_id or "", rows),
@@ -131,18 +163,25 @@ def score_parquet(
     model_uri: str,
     input_path: str | Path,
     output_path: str | Path,
-    input_col: str = "raw_features",
+    input_col: str | None = None,
     batch_size: int = 1024,
+    device: str = "auto",
 ) -> dict:
-    """Score a Parquet dataset with a registered model; write predictions atomically; return counts."""
+    """Score a Parquet dataset with a registered model; write predictions atomically; return counts.
+
+    The model's metadata says what it takes: raw features (default column `raw_features`) or raw text (`text`);
+    `input_col` names another column holding it. `device` is where workers run the model: `auto` (CUDA on
+    executors that have it, else CPU), `cpu` or `cuda`.
+    """
     from dl.serving import resolve_model_version
 
     version = resolve_model_version(model_uri)
     pinned = f"models:/{version.name}/{version.version}"
+    input_kind, model_col = model_input(pinned)
+    input_col = input_col or model_col
     source: DataFrame = spark.read.parquet(str(input_path))
-    missing = [c for c in ("id", input_col) if c not in source.columns]
-    if missing:
-        raise DataError(f"{input_path}: scoring input lacks column(s) {missing}; has {source.columns}")
+    check_columns(source.schema, {"id": KEY_TYPES, input_col: _INPUT_TYPES[input_kind]}, input_path,
+                  optional={"label": LABEL_TYPES, "target": TARGET_TYPES})
     keep = ("id", *(c for c in ("label", "target") if c in source.columns))  # truth columns, for evaluation
     outputs = model_outputs(pinned)
     schema = StructType(
@@ -160,9 +199,11 @@ def score_parquet(
         tracking_uri=mlflow.get_tracking_uri(),
         registry_uri=mlflow.get_registry_uri(),
         input_col=input_col,
+        input_kind=input_kind,
         keep=keep,
         outputs=outputs,
         batch_size=batch_size,
+        device=device,
     )
     rows_in = source.count()
     with atomic_directory(Path(output_path)) as staging:

@@ -5,6 +5,7 @@ from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 
 from jobs.config import SplitConf
+from pipelines.errors import DataError
 
 SPLITS = ("train", "val", "test")
 HASH_BUCKETS = 1 << 20  # a row's hash bucket / HASH_BUCKETS is its uniform draw in [0, 1)
@@ -25,12 +26,28 @@ def _cut(position: Column, conf: SplitConf, rows: Column | None = None) -> Colum
 
 
 def split_rows(df: DataFrame, key_col: str, label_col: str | None, conf: SplitConf) -> DataFrame:
-    """Add `split` by `conf.method`: ranked, hash or time."""
+    """Add `split` by `conf.method` (ranked, hash or time); DataError when a split would be empty (one count pass)."""
     if conf.method == "hash":
-        return hash_split(df, key_col, conf)
-    if conf.method == "time":
-        return time_split(df, conf.time_column, conf)
-    return assign_split(df, key_col, label_col, conf)
+        rows = hash_split(df, key_col, conf)
+    elif conf.method == "time":
+        rows = time_split(df, conf.time_column, conf)
+    else:
+        rows = assign_split(df, key_col, label_col, conf)
+    check_no_split_empty(rows, conf)
+    return rows
+
+
+def check_no_split_empty(rows: DataFrame, conf: SplitConf) -> None:
+    """DataError naming every empty split, the rows split and the ratios (a tiny input), before anything uses them."""
+    counts = dict.fromkeys(SPLITS, 0) | {row["split"]: row["count"] for row in rows.groupBy("split").count().collect()}
+    empty = [split for split in SPLITS if counts[split] == 0]
+    if empty:
+        raise DataError(
+            f"split {', '.join(repr(split) for split in empty)} {'is' if len(empty) == 1 else 'are'} empty: "
+            f"{sum(counts.values())} clean rows with ratios {conf.train:g}/{conf.val:g}/{conf.test:g} "
+            f"({', '.join(f'{split} {count}' for split, count in counts.items())}); "
+            f"add rows or change split ratios"
+        )
 
 
 def hash_split(df: DataFrame, key_col: str, conf: SplitConf) -> DataFrame:

@@ -9,6 +9,7 @@ Reasons name the column and the kind of problem, never the value (the value is i
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
@@ -118,8 +119,11 @@ def _row_key(source: FileSource, record: Column) -> Column:
     return F.concat_ws("|", *[F.col(n).cast(source.column(n).type).cast("string") for n in source.key_columns])
 
 
-def ingest_table(spark: SparkSession, source: FileSource, files: list[Path]) -> DataFrame:
+def ingest_table(spark: SparkSession, source: FileSource, files: list[Path],
+                 check: Callable[[DataFrame], DataFrame] | None = None) -> DataFrame:
     """One row per input record: `source_file`, `id` (the key), `record`, `reason` and the other columns, typed.
+    `source_file` and `record` are kept on quarantined rows only (null on clean rows: nothing downstream reads them);
+    `check` adds the source's own reasons first (a text without a token), so its rows keep them too.
 
     Key columns other than a single declared `key` stay as typed columns too (a time series keeps its time).
     """
@@ -134,7 +138,13 @@ def ingest_table(spark: SparkSession, source: FileSource, files: list[Path]) -> 
         _row_reason(source).alias("reason"),
         *[F.col(c.name).cast(c.type).alias(c.name) for c in source.columns if c.name != source.key],
     )
-    return _mark_duplicates(checked).drop("position")
+    # Only quarantined rows keep where they came from and what was read: clean rows go on without the two
+    # strings (most of a narrow row's bytes), so the cache of 10M checked rows holds what later passes read.
+    bad = F.col("reason").isNotNull()
+    deduplicated = _mark_duplicates(checked).drop("position")
+    if check is not None:
+        deduplicated = check(deduplicated)
+    return deduplicated.withColumns({c: F.when(bad, F.col(c)) for c in ("source_file", "record")})
 
 
 def is_clean() -> Column:

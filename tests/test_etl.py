@@ -265,4 +265,5 @@ def test_rerun_replaces_the_dataset_with_identical_content(etl):
     assert {**again, "created_at": None} == {**manifest, "created_at": None}
     for split, table in before.items():
         assert read_split(cfg, split).sort_by("id").equals(table)
-    assert sorted(p.name for p in cfg.run_dir.iterdir()) == ["dataset", "quarantine"]
+    # only the outputs (and the default MLflow store the ETL run is tracked in): no staging or replaced folders left
+    assert sorted(p.name for p in cfg.run_dir.iterdir()) == ["dataset", "mlartifacts", "mlflow.db", "quarantine"]

@@ -190,7 +190,7 @@ def test_vocabulary_excludes_tokens_seen_only_in_val_or_test(texts):
     assert vocab["tokens"][:2] == ["<pad>", "<oov>"] and vocab["oov_id"] == OOV_ID
     assert {t for t in vocab["tokens"] if t.startswith("only")} == {f"only{i}" for i in train_ids}
     for split, table in tables.items():
-        for key, tokens, length, text in zip(table["id"], table["tokens"], table["length"], table["text"]):
+        for key, tokens, length, text in zip(table["id"], table["features"], table["length"], table["text"]):
             words = text.lower().replace(",", " ").replace("!", " ").split()
             # ham: 3 words + 2 PAD; spam: 6 words cut to 5
             assert length == min(len(words), 5) and tokens[length:] == [PAD_ID] * (5 - length)

@@ -1,0 +1,38 @@
+"""Schema drift between training and scoring inputs: the columns a job reads, checked against the input's schema.
+
+The check needs only the schema (Spark reads the Parquet footers), so a missing, renamed or retyped column fails
+before any job reads a row, naming the column, the type expected and the type found.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping
+
+from pyspark.sql.types import StructType
+
+from pipelines.errors import DataError
+
+# Spark type names (`simpleString`) a scorer accepts per column of the dataset contract (docs/architecture.md)
+KEY_TYPES = ("string", "int", "bigint")
+NUMERIC_ARRAY_TYPES = ("array<float>", "array<double>")  # raw features; the dataset writes array<float>
+LABEL_TYPES = ("int", "bigint", "string")  # a class index, or a class name
+TARGET_TYPES = ("float", "double", *NUMERIC_ARRAY_TYPES)
+
+
+def check_columns(
+    schema: StructType,
+    required: Mapping[str, tuple[str, ...]],
+    source: str | Path,
+    optional: Mapping[str, tuple[str, ...]] | None = None,
+) -> None:
+    """DataError unless every `required` column (name -> accepted Spark types) is in `schema` with an accepted
+    type; `optional` columns are checked only when present. The message names `source`, the column, the types."""
+    found = {field.name: field.dataType.simpleString() for field in schema}
+    listing = ", ".join(f"{name}: {kind}" for name, kind in found.items())
+    for name, accepted in {**required, **(optional or {})}.items():
+        if name not in found:
+            if name in required:
+                raise DataError(f"{source}: column '{name}' ({' or '.join(accepted)}) is missing; found {listing}")
+        elif found[name] not in accepted:
+            raise DataError(f"{source}: column '{name}' has type {found[name]}, expected {' or '.join(accepted)}")
+
