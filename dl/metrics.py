@@ -1,7 +1,7 @@
 """Validation/test metrics per task, equal over a sharded split to a single-process computation.
 
 Classification and regression add up exact counts and sums across ranks; anomaly ranking metrics (AUROC, AUPRC)
-all-gather every row's score (val/test splits are small), so they are exact too.
+and clustering metrics (NMI, ARI, silhouette) all-gather every row (val/test splits are small), so they are exact too.
 """
 from __future__ import annotations
 
@@ -68,19 +68,30 @@ def regression_metrics(abs_sum: float, sq_sum: float, count: float, loss_sum: fl
 
 
 class RegressionMeter:
-    """Sums of absolute and squared errors, values, rows and loss on this rank; `compute` sums them over ranks."""
+    """Sums of absolute and squared errors, values, rows and loss on this rank; `compute` sums them over ranks and
+    gathers every row's id, prediction and target (val/test splits are small), e.g. for a forecast plot."""
 
     def __init__(self, device: torch.device):
         self.sums = torch.zeros(5, dtype=torch.float64, device=device)  # abs, squared, values, rows, loss
+        self.rows: list[tuple[list, np.ndarray, np.ndarray]] = []  # (ids, predictions [n, H], targets [n, H])
 
-    def update(self, predictions: torch.Tensor, targets: torch.Tensor, loss_sum: torch.Tensor) -> None:
+    def update(self, predictions: torch.Tensor, targets: torch.Tensor, loss_sum: torch.Tensor,
+               ids: list[str] | None = None) -> None:
         error = (predictions.double() - targets.double().reshape(predictions.shape))
         self.sums += torch.stack([error.abs().sum(), error.pow(2).sum(), error.new_tensor(error.numel()),
                                   error.new_tensor(len(error)), loss_sum.detach().double()])
+        values = predictions.detach().float().reshape(len(predictions), -1)
+        self.rows.append((list(ids) if ids is not None else [None] * len(values), values.cpu().numpy(),
+                          targets.detach().float().reshape(values.shape).cpu().numpy()))
 
-    def compute(self) -> tuple[dict[str, float], None]:
+    def compute(self) -> tuple[dict[str, float], dict]:
+        """(metrics, {"ids", "predictions", "targets"} over all ranks' rows, in rank order)."""
         abs_sum, sq_sum, values, rows, loss_sum = all_reduce_sum(self.sums.clone()).tolist()
-        return regression_metrics(abs_sum, sq_sum, values, loss_sum, rows), None
+        gathered = [row for part in all_gather(self.rows) for row in part]
+        details = {"ids": [i for row in gathered for i in row[0]],
+                   "predictions": np.concatenate([row[1] for row in gathered]) if gathered else np.empty((0, 1)),
+                   "targets": np.concatenate([row[2] for row in gathered]) if gathered else np.empty((0, 1))}
+        return regression_metrics(abs_sum, sq_sum, values, loss_sum, rows), details
 
 
 def ranking_metrics(scores: np.ndarray, anomalous: np.ndarray) -> dict[str, float]:
@@ -156,3 +167,46 @@ class AnomalyMeter:
             if labelled:
                 metrics.update(threshold_metrics(scores, anomalous, threshold))
         return metrics, {"scores": scores, "anomalous": anomalous if labelled else None}
+
+
+def clustering_metrics(clusters: np.ndarray, labels: np.ndarray | None = None, embeddings: np.ndarray | None = None,
+                       silhouette_rows: int = 5000, seed: int = 0) -> dict[str, float]:
+    """NMI and ARI of `clusters` against `labels` (when given); silhouette of the clusters in `embeddings` (when
+    given; on a seeded sample of `silhouette_rows` rows when there are more; NaN with fewer than 2 clusters)."""
+    metrics: dict[str, float] = {}
+    if labels is not None:
+        metrics["nmi"] = float(skm.normalized_mutual_info_score(labels, clusters))
+        metrics["ari"] = float(skm.adjusted_rand_score(labels, clusters))
+    if embeddings is not None:
+        separable = 1 < len(np.unique(clusters)) < len(clusters)
+        sample = silhouette_rows if len(clusters) > silhouette_rows else None
+        metrics["silhouette"] = float(skm.silhouette_score(embeddings, clusters, sample_size=sample, random_state=seed)
+                                      if separable else float("nan"))
+    return metrics
+
+
+class ClusteringMeter:
+    """This rank's embeddings, cluster assignments and labels; `compute` gathers every rank's rows (val/test splits
+    are small) and scores them as one process would."""
+
+    def __init__(self, device: torch.device, labelled: bool):
+        self.labelled = labelled
+        self.parts: list[tuple[np.ndarray, np.ndarray, np.ndarray | None]] = []
+        self.loss = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, rows
+
+    def update(self, embeddings: torch.Tensor, clusters: torch.Tensor, labels: torch.Tensor | None,
+               loss_sum: torch.Tensor | None = None) -> None:
+        self.parts.append((embeddings.detach().float().cpu().numpy(), clusters.cpu().numpy().astype(np.int64),
+                           None if labels is None else labels.cpu().numpy().astype(np.int64)))
+        loss = self.loss.new_zeros(()) if loss_sum is None else loss_sum.detach().double()
+        self.loss += torch.stack([loss, self.loss.new_tensor(float(len(clusters)))])
+
+    def compute(self) -> tuple[dict[str, float], dict]:
+        """(loss, nmi, ari (labelled only), silhouette; {"embeddings", "clusters", "labels"} in rank order)."""
+        loss_sum, rows = all_reduce_sum(self.loss.clone()).tolist()
+        parts = [part for gathered in all_gather(self.parts) for part in gathered]
+        embeddings = np.concatenate([p[0] for p in parts]) if parts else np.empty((0, 0), np.float32)
+        clusters = np.concatenate([p[1] for p in parts]) if parts else np.empty(0, np.int64)
+        labels = np.concatenate([p[2] for p in parts]) if parts and self.labelled else None
+        metrics = {"loss": loss_sum / max(rows, 1.0), **clustering_metrics(clusters, labels, embeddings)}
+        return metrics, {"embeddings": embeddings, "clusters": clusters, "labels": labels}

@@ -142,7 +142,7 @@ class SmokeTest:
     rows: int
     workdir: Path
     batch_size: int = 1024
-    input_col: str = "raw_features"
+    input_col: str | None = None  # None: the column the model declares (raw features or text)
 
     def run(self, model_uri: str) -> int:
         """Rows scored; raises SmokeTestFailed if scoring fails or the predictions are not one valid row per id."""

@@ -1,4 +1,5 @@
-"""What a model is trained to do, as one small object per task: classification, regression, anomaly detection.
+"""What a model is trained to do, as one small object per task: classification, regression, anomaly detection,
+clustering.
 
 A task owns everything that differs between them: the loader columns, which rows fit the model, the loss's
 inputs and targets, the all-reduced validation metrics (and which direction is better), a calibration step after
@@ -7,13 +8,21 @@ call these and never branch on the model kind.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
+from matplotlib.figure import Figure
 
-from dl.metrics import AnomalyMeter, ClassificationMeter, RegressionMeter, calibrate_threshold
-from jobs.config import AnomalyConf, EarlyStoppingConf, TrainConf
+from dl import plots
+from dl.arrow_loader import list_column_to_numpy
+from dl.clustering import DecLoss, target_distribution
+from dl.losses import build_loss
+from dl.metrics import AnomalyMeter, ClassificationMeter, ClusteringMeter, RegressionMeter, calibrate_threshold
+from jobs.config import AnomalyConf, DecConf, EarlyStoppingConf, LossConf, TrainConf
 
 # Serving output column types (the Spark scorer and the MLflow signature map them): int, float, boolean, array<float>.
 OutputColumns = dict[str, str]
@@ -71,6 +80,15 @@ class Task:
         """(outputs, targets) for the loss."""
         return outputs, batch["label"]
 
+    def criterion(self, conf: LossConf, reduction: str = "mean") -> torch.nn.Module:
+        """The training loss, called on `loss_inputs`; with `reduction="sum"`, what evaluation adds up."""
+        return build_loss(conf, self.num_outputs, reduction=reduction)
+
+    def target_statistics(self, train_dir: Path) -> tuple[np.ndarray, np.ndarray] | None:
+        """Per-output (mean, std) of the train split's targets, for networks that predict standardized values
+        (None: the task has no float targets)."""
+        return None
+
     # --- evaluation ---
     def meter(self, device: torch.device):
         return ClassificationMeter(self.num_outputs, device)
@@ -87,6 +105,11 @@ class Task:
         """Plain-data state fitted on the validation split after training, saved with the model (none here)."""
         return {}
 
+    def figures(self, details: Any, classes: list[str]) -> dict[str, Figure]:
+        """Figures of the test evaluation, by name (logged as `plots/<name>.png`); `details` is what `compute`
+        returned with the metrics. A new task overrides this to plot its own details."""
+        return {"confusion_matrix": plots.confusion_matrix(details.tolist(), classes)}
+
     # --- serving ---
     def serve(self, outputs: torch.Tensor, inputs: torch.Tensor, state: dict) -> dict[str, np.ndarray]:
         """The serving columns of one batch: network outputs (and the scaled inputs) -> NumPy columns."""
@@ -102,7 +125,7 @@ class RegressionTask(Task):
     """Float targets from the dataset's `target` column (float, or array<float> of `num_outputs` values)."""
 
     kind = "regression"
-    columns = ("features", "target")
+    columns = ("features", "target", "id")
     directions = {"loss": "min", "mae": "min", "mse": "min", "rmse": "min"}
     default_stopping = ("val_loss", "min")
     logged = ("loss", "mae", "rmse")
@@ -115,11 +138,26 @@ class RegressionTask(Task):
     def loss_inputs(self, outputs, batch):
         return outputs, batch["target"].float().reshape(outputs.shape)
 
+    def target_statistics(self, train_dir):
+        column = pq.read_table(train_dir, columns=["target"]).column("target")
+        if column.null_count:
+            raise ValueError(f"{train_dir}: column 'target' has {column.null_count} nulls")
+        targets = list_column_to_numpy(column) if pa.types.is_list(column.type) else column.to_numpy()
+        targets = targets.reshape(len(targets), -1).astype(np.float64)
+        if targets.shape[1] != self.num_outputs:
+            raise ValueError(f"{train_dir}: column 'target' holds {targets.shape[1]} values per row, the model "
+                             f"predicts {self.num_outputs} (model.outputs)")
+        std = targets.std(axis=0)
+        return targets.mean(axis=0), np.where(std > 0, std, 1.0)
+
     def meter(self, device):
         return RegressionMeter(device)
 
     def update(self, meter, outputs, batch, loss_sum):
-        meter.update(outputs, batch["target"], loss_sum(*self.loss_inputs(outputs, batch)))
+        meter.update(outputs, batch["target"], loss_sum(*self.loss_inputs(outputs, batch)), batch.get("id"))
+
+    def figures(self, details, classes):
+        return {"forecast": plots.forecast(details["ids"], details["predictions"], details["targets"])}
 
     def serve(self, outputs, inputs, state):
         values = outputs.float().cpu().numpy()
@@ -200,21 +238,101 @@ class AnomalyTask(Task):
 
     def compute(self, meter, state=None):
         threshold = None if state is None else state.get("threshold")
-        return meter.compute(threshold, labelled=self.labelled)
+        metrics, details = meter.compute(threshold, labelled=self.labelled)
+        return metrics, {**details, "threshold": threshold}
 
     def calibrate(self, details):
         threshold = calibrate_threshold(details["scores"], details["anomalous"], self.conf.threshold, self.conf.quantile)
         return {"threshold": threshold, "threshold_method": self.conf.threshold}
+
+    def figures(self, details, classes):
+        return {"anomaly_scores": plots.anomaly_scores(details["scores"], details["anomalous"], details["threshold"])}
 
     def serve(self, outputs, inputs, state):
         scores = self.scores(outputs, inputs).cpu().numpy().astype(np.float32)
         return {"anomaly_score": scores, "is_anomaly": scores > float(state["threshold"])}
 
 
+class ClusteringTask(Task):
+    """DEC clustering (`model.kind: dec`): a row belongs to the nearest centroid in the autoencoder's embedding.
+
+    Refinement fits KL(P || Q) (+ an optional reconstruction term) against the target that `set_target` fixes
+    (`dl/dec.py` recomputes it over the whole train split). Metrics over every rank's rows: NMI and ARI against the
+    labels (when the dataset has classes) and the silhouette of the embeddings. Serving: `cluster`, `distance`.
+    """
+
+    kind = "clustering"
+    directions = {"loss": "min", "nmi": "max", "ari": "max", "silhouette": "max"}
+    default_stopping = ("val_silhouette", "max")  # label-free: labels only measure
+    logged = ("loss", "nmi", "ari", "silhouette")
+    losses = FLOAT_TARGET_LOSSES  # the reconstruction loss: pre-training, and the optional refinement term
+
+    def __init__(self, conf: DecConf, classes: list[str]):
+        super().__init__(conf.clusters)
+        self.conf, self.labelled = conf, bool(classes)
+        self.columns = ("features", "label") if self.labelled else ("features",)
+        self.reference: torch.nn.Module | None = None  # a frozen copy of the network as of the last target update
+        self.frequencies: torch.Tensor | None = None  # f_j over the whole train split at that update
+
+    @property
+    def output_columns(self) -> OutputColumns:
+        return {"cluster": "int", "distance": "float"}
+
+    def check(self, conf):
+        # dl/dec.py runs each phase with train.epochs set to that phase's epochs; a user's own value would be ignored
+        if "epochs" in conf.model_fields_set and conf.epochs != self.conf.refine.epochs:
+            raise ValueError("train.epochs does not apply to model.kind dec: set model.pretrain.epochs and "
+                             "model.refine.epochs")
+        if conf.loader != "arrow":
+            raise ValueError("model.kind dec needs train.loader arrow (target updates compare each row's cluster in a "
+                             "fixed order)")
+        stopping = super().check(conf)
+        if stopping.metric in ("val_nmi", "val_ari") and not self.labelled:
+            raise ValueError(f"train.early_stopping.metric {stopping.metric} needs a labelled dataset")
+        return stopping
+
+    def criterion(self, conf, reduction="mean"):
+        return DecLoss(super().criterion(conf, "sum"), self.conf.refine.reconstruction, reduction)
+
+    def set_target(self, reference: torch.nn.Module, frequencies: torch.Tensor) -> None:
+        """Fix the target: `reference`'s soft assignments, sharpened with the train split's cluster `frequencies`."""
+        self.reference, self.frequencies = reference.eval().requires_grad_(False), frequencies
+
+    def target(self, features: torch.Tensor) -> torch.Tensor:
+        """P for these rows: from the reference network's Q and the train split's cluster frequencies."""
+        if self.reference is None:
+            raise RuntimeError("the DEC target distribution is not set: dl.dec computes it over the train split")
+        with torch.no_grad():
+            return target_distribution(self.reference(features).q, self.frequencies)
+
+    def loss_inputs(self, outputs, batch):
+        features = batch["features"].reshape(outputs.reconstruction.shape)
+        return outputs.q, self.target(features), outputs.reconstruction, features
+
+    def meter(self, device):
+        return ClusteringMeter(device, self.labelled)
+
+    def update(self, meter, outputs, batch, loss_sum):
+        labels = batch["label"] if self.labelled else None
+        loss = loss_sum(*self.loss_inputs(outputs, batch))
+        meter.update(outputs.embedding, outputs.distance.argmin(dim=1), labels, loss)
+
+    def figures(self, details, classes):
+        return {"cluster_embeddings": plots.cluster_projection(details["embeddings"], details["clusters"])}
+
+    def serve(self, outputs, inputs, state):
+        distance, cluster = outputs.distance.detach().min(dim=1)
+        return {"cluster": cluster.cpu().numpy().astype(np.int64), "distance": distance.float().cpu().numpy()}
+
+
 def build_task(model_conf, classes: list[str], anomaly: AnomalyConf | None = None) -> Task:
-    """The task of a model config: CNNs classify; MLPs classify or regress (`model.task`); autoencoders detect anomalies."""
-    if model_conf.kind == "autoencoder":
-        return AnomalyTask(0, anomaly or AnomalyConf(), classes, min_rows=2 if model_conf.batch_norm else 1)
+    """The task of a model config: CNNs classify; MLPs and RNNs classify or regress (`model.task`); autoencoders
+    (dense or LSTM) detect anomalies; DEC models cluster."""
+    if model_conf.kind in ("autoencoder", "lstm_autoencoder"):
+        min_rows = 2 if getattr(model_conf, "batch_norm", False) else 1
+        return AnomalyTask(0, anomaly or AnomalyConf(), classes, min_rows=min_rows)
+    if model_conf.kind == "dec":
+        return ClusteringTask(model_conf, classes)
     if getattr(model_conf, "task", "classification") == "regression":
         return RegressionTask(model_conf.outputs)
     if not classes:

@@ -21,9 +21,11 @@ from torch.distributed.algorithms.join import Join
 from torch.nn.parallel import DistributedDataParallel
 
 from dl.arrow_loader import ArrowLoader
+from dl.augment import AugmentedLoader, ImageAugment
 from dl.checkpoint import capture, load_checkpoint, restore, save_checkpoint
 from dl.distributed import DistContext, all_reduce_sum, is_master, restart_count
-from dl.losses import build_loss, weight_penalty
+from dl.losses import weight_penalty
+from dl.nonfinite import NonFiniteGuard, describe_kept
 from dl.optim import build_optimizer, build_scheduler, step_scheduler
 from dl.petastorm_reader import COLUMNS as PETASTORM_COLUMNS, PetastormLoader, check_shardable, split_dir
 from dl.tasks import Task, as_task, to_device
@@ -59,6 +61,7 @@ class FitResult:
     test_metrics: dict[str, float]
     test_confusion: list[list[int]] | None  # classification only
     serving_state: dict = field(default_factory=dict)
+    test_details: object = None  # the task's test evaluation details (what `Task.figures` plots)
 
 
 class EarlyStopping:
@@ -216,6 +219,8 @@ def fit(
     ctx: DistContext,
     checkpoint_dir: Path,
     log_metrics: Callable[[dict[str, float], int], None] | None = None,
+    before_epoch: Callable[[int], bool] | None = None,
+    augment: ImageAugment | None = None,
 ) -> FitResult:
     """Train `network` in place with DDP, keep and restore the best epoch's weights, then score the test split.
 
@@ -223,6 +228,8 @@ def fit(
     `checkpoint_every_steps` steps and at each epoch end) to `checkpoint_dir`, and passes each epoch's
     metrics to `log_metrics`. With `conf.resume`, or when torchrun restarted the job, training continues
     from `last.pt`. `task` (or a class count, for classification) says what is fitted and measured.
+    `before_epoch(epoch)` runs on every rank before each epoch (a resumed one too); True ends training there.
+    `augment` transforms the training split's batches (never val/test).
     """
     task = as_task(task)
     stopping_conf = task.check(conf)
@@ -230,12 +237,14 @@ def fit(
     for path in paths.values():
         check_shardable(path, ctx.world_size)
     loaders = {split: open_loader(conf, path, ctx, split == "train", task.columns) for split, path in paths.items()}
+    if augment is not None:
+        loaders["train"] = AugmentedLoader(loaders["train"], augment)
     network.to(ctx.device)
     optimizer = build_optimizer(network.parameters(), conf.optimizer)
     scheduler = build_scheduler(optimizer, conf.scheduler, conf.epochs, stopping_conf.mode)
     precision = build_precision(conf.amp, ctx.device)
-    criterion = build_loss(conf.loss, task.num_outputs).to(ctx.device)
-    loss_sum = build_loss(conf.loss, task.num_outputs, reduction="sum").to(ctx.device)
+    criterion = task.criterion(conf.loss).to(ctx.device)
+    loss_sum = task.criterion(conf.loss, reduction="sum").to(ctx.device)
     stopping = EarlyStopping(stopping_conf)
     stateful = {"model": network, "optimizer": optimizer, "scheduler": scheduler, "scaler": precision.scaler,
                 "early_stopping": stopping}
@@ -253,6 +262,11 @@ def fit(
     elif is_master() and last.exists():
         last.unlink()  # a fresh run must never be resumed into someone else's progress
     model = DistributedDataParallel(network, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+    guard = NonFiniteGuard(position["global_step"], ctx.device)
+
+    def check_finite() -> None:  # collective: before a checkpoint write or an epoch's report, stop on NaN/Inf
+        kept = describe_kept(last, checkpoint_dir / BEST)
+        guard.check(network, position["epoch"], position["global_step"] - position["step"], kept)
 
     def checkpoint_training() -> None:
         state = capture(stateful, {**position, "world_size": ctx.world_size}, {"tally": tally.cpu()})
@@ -262,6 +276,8 @@ def fit(
     train, history = loaders["train"], position["history"]
     while position["epoch"] <= conf.epochs and not stopping.should_stop:
         epoch, started = position["epoch"], time.perf_counter()
+        if before_epoch is not None and before_epoch(epoch):
+            break
         train.set_epoch(epoch, position["step"])
         model.train()
         with warnings.catch_warnings(), nullcontext() if train.equal_steps else Join([model]):
@@ -273,10 +289,13 @@ def fit(
                 tally[LOSS_SUM] += loss.double() * rows  # no .item(): no GPU sync per step
                 tally[SAMPLES] += rows
                 tally[STEPS] += 1
+                guard.observe(loss)
                 position["step"] += 1
                 position["global_step"] += 1
                 if conf.checkpoint_every_steps and position["global_step"] % conf.checkpoint_every_steps == 0:
+                    check_finite()
                     checkpoint_training()
+        check_finite()
         _broadcast_buffers(network)
         report = _epoch_report(tally, ctx.world_size)
         val, _ = evaluate(network, loaders["val"], task, loss_sum, ctx)
@@ -311,4 +330,4 @@ def fit(
         log.info("calibrated on the validation split: %s", state)
     test, details = evaluate(network, loaders["test"], task, loss_sum, ctx, state)
     confusion = details.tolist() if isinstance(details, torch.Tensor) else None
-    return FitResult(history, stopping.best_epoch, stopping.best, stopping.should_stop, test, confusion, state)
+    return FitResult(history, stopping.best_epoch, stopping.best, stopping.should_stop, test, confusion, state, details)

@@ -37,6 +37,8 @@ class ImageFolderSource(_Strict):
     image_size: tuple[PositiveInt, PositiveInt] = (8, 8)
     channels: Literal[1, 3] = 1
     max_bad_fraction: float = Field(0.05, ge=0.0, le=1.0)
+    # an image whose header claims more pixels is quarantined before any pixel is decoded (default 8192 x 8192)
+    max_image_pixels: PositiveInt = 1 << 26
 
 
 class ColumnSpec(_Strict):
@@ -166,6 +168,7 @@ class TextSource(_FileTableSource):
     max_length: PositiveInt = 64  # token ids per row: longer texts are cut, shorter ones padded with PAD (0)
     vocab_size: int = Field(20_000, ge=3)  # including PAD (0) and OOV (1)
     min_count: PositiveInt = 1  # a token needs this many occurrences in the train split to get an id
+    min_token_length: PositiveInt = 1  # RegexTokenizer: shorter tokens are dropped (length in UTF-16 units)
 
     @property
     def file_format(self) -> str:
@@ -255,7 +258,72 @@ class AutoencoderConf(_Strict):
     batch_norm: bool = False
 
 
-Model = Annotated[Union[CnnConf, MlpConf, AutoencoderConf], Field(discriminator="kind")]
+class RnnConf(_Strict):
+    """Recurrent network (LSTM / GRU / vanilla RNN) over sequences, read from its last hidden state.
+
+    Numeric windows ([L, F] feature_shape) forecast (`task: regression`, `outputs` = horizon H) or classify;
+    token ids (a text dataset) go through an embedding of `embedding_dim` and are packed by length.
+    """
+
+    kind: Literal["rnn"]
+    cell: Literal["lstm", "gru", "rnn"] = "lstm"
+    hidden: PositiveInt = 64
+    layers: PositiveInt = 1  # stacked recurrent layers
+    bidirectional: bool = False
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)  # between stacked layers and before the output layer
+    task: Literal["classification", "regression"] = "classification"
+    outputs: PositiveInt = 1  # regression: values per row (the forecast horizon H)
+    embedding_dim: PositiveInt = 64  # token inputs only
+
+
+class LstmAutoencoderConf(_Strict):
+    """Sequence autoencoder for anomaly detection: an LSTM encodes the [L, F] window into its last hidden state, an
+    LSTM decoder rebuilds the window from it; the anomaly score is the reconstruction MSE over the window."""
+
+    kind: Literal["lstm_autoencoder"]
+    hidden: PositiveInt = 32
+    layers: PositiveInt = 1
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)  # between stacked layers
+
+
+class DecPretrainConf(_Strict):
+    """DEC phase 1: the autoencoder learns to reconstruct the train split (train.loss, best val loss kept)."""
+
+    epochs: PositiveInt = 200
+
+
+class DecRefineConf(_Strict):
+    """DEC phase 3: encoder and centroids fit KL(P || Q) against the sharpened target P of the whole train split."""
+
+    epochs: PositiveInt = 100  # at most this many epochs
+    update_interval: PositiveInt = 1  # recompute P over the whole train split every this many epochs
+    tolerance: float = Field(0.001, ge=0.0, lt=1.0)  # stop once fewer train rows than this share change cluster
+    reconstruction: float = Field(0.0, ge=0.0)  # weight of a reconstruction term added to KL (IDEC); 0: decoder frozen
+
+
+class DecConf(_Strict):
+    """Deep embedded clustering: a dense autoencoder pre-trained on reconstruction, k-means centroids in its
+    embedding, then refinement of encoder and centroids on Student-t soft assignments (`dl/dec.py`)."""
+
+    kind: Literal["dec"]
+    clusters: int = Field(10, ge=2)
+    encoder: list[PositiveInt] = Field(default_factory=lambda: [128, 128, 256])  # hidden sizes; decoder mirrors them
+    embedding: PositiveInt = 10  # the embedding (bottleneck) the clusters live in
+    activation: Literal["relu", "tanh", "gelu"] = "gelu"
+    alpha: float = Field(1.0, gt=0.0)  # Student-t degrees of freedom of the soft assignment
+    kmeans_init: PositiveInt = 20  # k-means restarts (n_init) on the train embeddings; the lowest inertia wins
+    pretrain: DecPretrainConf = Field(default_factory=DecPretrainConf)
+    refine: DecRefineConf = Field(default_factory=DecRefineConf)
+
+    @property
+    def autoencoder(self) -> "AutoencoderConf":
+        """The dense autoencoder these settings describe."""
+        return AutoencoderConf(kind="autoencoder", encoder=self.encoder, bottleneck=self.embedding,
+                               activation=self.activation)
+
+
+Model = Annotated[Union[CnnConf, MlpConf, AutoencoderConf, RnnConf, LstmAutoencoderConf, DecConf],
+                  Field(discriminator="kind")]
 
 
 class OptimizerConf(_Strict):
@@ -327,6 +395,18 @@ class AnomalyConf(_Strict):
         return self
 
 
+class AugmentConf(_Strict):
+    """Image augmentation of the training split (dl/augment.py); all off by default."""
+
+    flip: bool = False  # random horizontal mirror (wrong for data where handedness matters, e.g. digits)
+    rotate_degrees: float = Field(0.0, ge=0.0, le=180.0)  # uniform in [-r, r]
+    crop_padding: int = Field(0, ge=0)  # random crop of the image padded by this many pixels: a shift of up to that
+
+    @property
+    def enabled(self) -> bool:
+        return self.flip or self.rotate_degrees > 0 or self.crop_padding > 0
+
+
 class TrainConf(_Strict):
     world_size: PositiveInt = 2
     backend: Literal["auto", "gloo", "nccl"] = "auto"
@@ -341,6 +421,7 @@ class TrainConf(_Strict):
     loss: LossConf = Field(default_factory=LossConf)
     early_stopping: EarlyStoppingConf = Field(default_factory=EarlyStoppingConf)
     anomaly: AnomalyConf = Field(default_factory=AnomalyConf)  # model.kind autoencoder
+    augment: AugmentConf = Field(default_factory=AugmentConf)  # image sources only
     checkpoint_every_steps: PositiveInt | None = None  # also at every epoch end; mid-epoch needs loader arrow
     resume: bool = False  # continue from <run_dir>/checkpoints/last.pt (torchrun restarts always do)
     max_restarts: int = Field(0, ge=0)  # torchrun --max-restarts: relaunch all ranks after a rank dies
@@ -356,6 +437,7 @@ class MlflowConf(_Strict):
     tracking_uri: str | None = None  # default: sqlite file inside run_dir
     experiment: str | None = None  # default: the pipeline name
     registered_model: str | None = None  # default: the pipeline name
+    outage_budget_s: float = Field(300.0, gt=0.0)  # training waits this long for an unreachable server, then fails
 
 
 class DriftConf(_Strict):
@@ -371,6 +453,7 @@ class ScoreConf(_Strict):
     input: Path | None = None  # default: the test split of this pipeline's dataset
     output: Path | None = None  # default: <run_dir>/predictions
     batch_size: PositiveInt = 1024
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA on executors that have it, else CPU
     drift: DriftConf = Field(default_factory=DriftConf)
 
 
@@ -400,6 +483,15 @@ class PipelineConfig(_Strict):
     promote: PromoteConf = Field(default_factory=PromoteConf)
     # when set, every path above must lie inside one of these folders (after `..` and symlinks are resolved)
     roots: list[Path] | None = Field(None, min_length=1)
+
+    @model_validator(mode="after")
+    def _augment_images_only(self) -> "PipelineConfig":
+        if self.train.augment.enabled and self.source.kind != "image_folder":
+            raise ValueError(f"'train.augment': image augmentation needs source.kind image_folder, "
+                             f"not {self.source.kind}")
+        if self.train.augment.enabled and self.model.kind == "dec":
+            raise ValueError("'train.augment': not supported with model.kind dec")
+        return self
 
     @model_validator(mode="after")
     def _paths_inside_roots(self) -> "PipelineConfig":

@@ -52,7 +52,7 @@ def write_seattle_weather(out_dir: Path) -> int:
     return len(table)
 
 
-TEXT_TOPICS = {  # topic -> (subjects, verbs, objects): sentences are "<subject> <verb> <object>" plus a coda
+TEXT_TOPICS = {  # topic -> (subjects, verbs, objects): sentences are "<opener><subject> <verb> <object><coda>."
     "sports": (["the striker", "our goalkeeper", "the home team", "a young sprinter", "the coach"],
                ["scored against", "trained with", "celebrated beating", "lost the final to", "passed the ball to"],
                ["the league champions", "a rival club", "the national squad", "the visitors", "the defenders"]),
@@ -63,17 +63,31 @@ TEXT_TOPICS = {  # topic -> (subjects, verbs, objects): sentences are "<subject>
                 ["roasted", "seasoned", "simmered", "baked", "sliced"],
                 ["fresh vegetables", "a garlic sauce", "the sourdough loaf", "spiced lentils", "ripe tomatoes"]),
 }
+TEXT_OPENERS = ["", "", "apparently ", "yesterday ", "according to the report ", "once again "]
 TEXT_CODAS = ["", " today", " again this week", " before noon", " as expected"]
+# Each of a sentence's three parts comes from its own topic with this probability, else from one of the other two
+# topics: sentences mix topics, so the label is ambiguous for some of them. The best possible accuracy on this
+# corpus (predict the topic most parts come from, guess on a three-way tie) is
+# 0.7**3 + 3 * 0.7**2 * 0.3 + 3 * 0.7 * 0.3**2 * (1/2) * (1/3) = 0.8155.
+TEXT_TOPIC_PURITY = 0.7
 
 
-def write_text_corpus(out_dir: Path, per_topic: int = 150, seed: int = 0) -> int:
-    """Write a labelled corpus of template sentences as `out_dir/texts.csv` (id, text, topic); return the row count."""
+def write_text_corpus(out_dir: Path, per_topic: int = 500, seed: int = 0) -> int:
+    """Write a labelled corpus of template sentences as `out_dir/texts.csv` (id, text, topic); return the row count.
+
+    Sentence parts are drawn across topics (`TEXT_TOPIC_PURITY`), so no classifier can reach accuracy 1.0.
+    """
     rng = np.random.default_rng(seed)
+    topics = list(TEXT_TOPICS)
     rows = []
-    for topic, parts in TEXT_TOPICS.items():
+    for topic in topics:
+        others = [t for t in topics if t != topic]
         for _ in range(per_topic):
-            subject, verb, obj = (part[rng.integers(len(part))] for part in parts)
-            text = f"{subject} {verb} {obj}{TEXT_CODAS[rng.integers(len(TEXT_CODAS))]}."
+            sources = [topic if rng.random() < TEXT_TOPIC_PURITY else others[rng.integers(2)] for _ in range(3)]
+            options = (TEXT_TOPICS[source][part] for part, source in enumerate(sources))
+            subject, verb, obj = (phrases[rng.integers(len(phrases))] for phrases in options)
+            opener, coda = TEXT_OPENERS[rng.integers(len(TEXT_OPENERS))], TEXT_CODAS[rng.integers(len(TEXT_CODAS))]
+            text = f"{opener}{subject} {verb} {obj}{coda}."
             rows.append({"id": len(rows), "text": text[0].upper() + text[1:], "topic": topic})
     with atomic_directory(Path(out_dir)) as staging:
         staging.mkdir()

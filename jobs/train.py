@@ -20,18 +20,23 @@ import mlflow
 import torch
 
 from dl import plots
+from dl.augment import ImageAugment
+from dl.dec import fit_dec
 from dl.distributed import DistContext, distributed, is_master
 from dl.models import build_model
+from dl.nonfinite import NonFiniteLoss
+from dl.petastorm_reader import split_dir
 from dl.serving import log_and_register
 from dl.tasks import build_task
 from dl.trainer import fit, resumes
 from jobs.config import ConfigError, PipelineConfig, load_config
 from jobs.lineage import link_training_to_dataset
 from jobs.stage import configure_logging, stage
-from jobs.tracking import use_experiment
+from jobs.tracking import MetricsBuffer, TrackingUnavailable, record_outage, use_experiment
 from pipelines.atomic import write_text_atomic
 from pipelines.dataset import read_manifest
 from pipelines.errors import DataError
+from pipelines.text import vocabulary_size
 
 log = logging.getLogger("dlpipe.train")
 
@@ -85,25 +90,32 @@ def train(cfg: PipelineConfig, manifest: dict) -> None:
     try:
         task = build_task(cfg.model, manifest["classes"], cfg.train.anomaly)
         task.check(cfg.train)
+        target_statistics = task.target_statistics(split_dir(cfg.dataset_dir, "train"))
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     with distributed(cfg.train.backend, cfg.train.seed) as ctx:
         configure_logging(logging.INFO if is_master() else logging.WARNING)
-        network = build_model(cfg.model, tuple(manifest["feature_shape"]), task.num_outputs)
+        network = build_model(cfg.model, tuple(manifest["feature_shape"]), task.num_outputs,
+                              target_statistics=target_statistics, vocab_size=vocabulary_size(manifest))
         with stage("train") as summary, tracked_run(cfg, manifest) if is_master() else nullcontext() as run:
-            result = fit(
+            metrics = (MetricsBuffer(cfg.tracking_uri, run.info.run_id, cfg.mlflow.outage_budget_s)
+                       if is_master() else None)
+            augment = ({"augment": ImageAugment(cfg.train.augment, tuple(manifest["feature_shape"]))}
+                       if cfg.train.augment.enabled else {})
+            result = (fit_dec if cfg.model.kind == "dec" else fit)(  # DEC: phases on the same engine
                 network, cfg.train, cfg.dataset_dir, task, ctx, cfg.checkpoint_dir,
-                log_metrics=mlflow.log_metrics,
+                log_metrics=metrics.log if metrics else None, **augment,
             )
             if not is_master():
                 return  # rank 0 alone tracks, registers and reports
+            metrics.drain()  # every epoch's metrics are in the run (after any outage) before the rest is logged
             mlflow.set_tags(system_info(ctx))
             mlflow.log_metrics({f"test_{name}": value for name, value in result.test_metrics.items()})
             mlflow.log_figure(plots.learning_curves(result.history), "plots/learning_curves.png")
             if result.test_confusion is not None:
                 mlflow.log_dict({"classes": manifest["classes"], "matrix": result.test_confusion}, "test_confusion.json")
-                mlflow.log_figure(plots.confusion_matrix(result.test_confusion, manifest["classes"]),
-                                  "plots/confusion_matrix.png")
+            for name, figure in task.figures(result.test_details, manifest["classes"]).items():
+                mlflow.log_figure(figure, f"plots/{name}.png")
             if result.serving_state:
                 mlflow.log_dict(result.serving_state, "serving_state.json")
             version = log_and_register(network.cpu(), cfg, manifest, result.serving_state)
@@ -141,6 +153,13 @@ def main(argv: list[str] | None = None) -> int:
     except DataError as exc:
         log.error("data error: %s", exc)
         return 3
+    except NonFiniteLoss as exc:
+        log.error("training failed: %s", exc)
+        return 4
+    except TrackingUnavailable as exc:
+        log.error("tracking unavailable: %s", exc)
+        record_outage(cfg.run_dir, exc)
+        return 5
     return 0
 
 

@@ -1,6 +1,8 @@
-"""`jobs.train` for torchrun with a fault injected on the first attempt: one rank raises or is SIGKILLed at one step.
+"""`jobs.train` for torchrun with a fault injected on the first attempt: one rank raises, is SIGKILLed, or trains on
+a batch of NaN features (`nan`) at one step.
 
-Set DLPIPE_FAULT to `raise` or `kill`, DLPIPE_FAULT_RANK and DLPIPE_FAULT_STEP (1-based train steps of this process).
+Set DLPIPE_FAULT to `raise`, `kill` or `nan`, DLPIPE_FAULT_RANK and DLPIPE_FAULT_STEP (1-based train steps of this
+process).
 Before killing itself the rank touches DLPIPE_FAULT_MARKER, so a test can tell that the fault really happened.
 """
 from __future__ import annotations
@@ -18,16 +20,18 @@ _real_train_step = dl.trainer.train_step
 _steps = 0
 
 
-def _faulty_train_step(*args, **kwargs):
+def _faulty_train_step(model, batch, *args, **kwargs):
     global _steps
     _steps += 1
     here = int(os.environ["RANK"]) == int(os.environ["DLPIPE_FAULT_RANK"])
     if here and _steps == int(os.environ["DLPIPE_FAULT_STEP"]) and restart_count() == 0:
         Path(os.environ["DLPIPE_FAULT_MARKER"]).touch()
+        if os.environ["DLPIPE_FAULT"] == "nan":
+            return _real_train_step(model, {**batch, "features": batch["features"] * float("nan")}, *args, **kwargs)
         if os.environ["DLPIPE_FAULT"] == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
         raise RuntimeError(f"injected failure on rank {os.environ['RANK']} at step {_steps}")
-    return _real_train_step(*args, **kwargs)
+    return _real_train_step(model, batch, *args, **kwargs)
 
 
 if __name__ == "__main__":

@@ -432,6 +432,28 @@ def test_a_rank_killed_mid_epoch_resumes_to_the_same_weights(launched):
 
 
 @pytest.mark.slow
+def test_two_nodes_joined_by_rendezvous_train_to_the_single_host_weights(launched, tmp_path):
+    """Multi-node as a cluster runs it: one torchrun per node, joined through a c10d rendezvous endpoint (both
+    "nodes" on 127.0.0.1 here). Same world size and seed as the single-host reference: the same weights."""
+    from jobs.train import TORCHRUN_ENV
+
+    config = _synthetic_run(tmp_path, [[60]] * 4, seed=1, checkpoint_every_steps=3)
+    node = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
+            "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{_free_port()}", "--rdzv-id=dlpipe-test",
+            "-m", "jobs.train", str(config)]
+    env = {**os.environ, **TORCHRUN_ENV}
+    nodes = [subprocess.Popen(node, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for _ in range(2)]
+    outputs = [process.communicate(timeout=RANK_TIMEOUT_S)[0] for process in nodes]
+    assert [process.returncode for process in nodes] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    result = json.loads((tmp_path / "run" / "train_result.json").read_text())
+    assert result["test_metrics"] == json.loads((launched["reference"] / "run" / "train_result.json").read_text())["test_metrics"]
+    expected = load_checkpoint(launched["reference"] / "run" / "checkpoints" / "last.pt")["model"]
+    got = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["model"]
+    assert all(torch.equal(got[name], value) for name, value in expected.items())
+
+
+@pytest.mark.slow
 def test_an_exception_on_one_rank_fails_the_launch_promptly_with_its_message(tmp_path):
     config = _synthetic_run(tmp_path, [[30]] * 4)
     started = time.monotonic()
