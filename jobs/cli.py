@@ -25,7 +25,7 @@ EXIT_LOCKED = 7
 
 EPILOG = """exit codes: 0 ok, 2 bad config, 3 bad or insufficient data (or an upstream stage not complete),
   4 training failed, 5 MLflow tracking/registry unavailable, 6 promotion failed (candidate unusable),
-  7 the pipeline is already running (lock held).
+  7 the pipeline is already running, or another job is writing the same output (lock held).
 examples:
   dlpipe sample digits --out data/raw/digits
   dlpipe validate conf/digits_cnn.yaml train.epochs=5
@@ -75,13 +75,12 @@ def _cmd_promote(args: argparse.Namespace) -> None:
 
 def _cmd_score(args: argparse.Namespace) -> None:
     from jobs.score import run_score
-    from jobs.state import pipeline_lock
 
     if not (args.model or args.input or args.output):
         return _cmd_stage(args)
-    cfg = load_config(args.config, args.overrides)
-    with pipeline_lock(cfg):
-        run_score(cfg, model_uri=args.model, input_path=args.input, output_path=args.output)
+    # an ad-hoc job: it locks its output only (run_score), so jobs writing other outputs run side by side
+    run_score(load_config(args.config, args.overrides), model_uri=args.model, input_path=args.input,
+              output_path=args.output)
 
 
 def _cmd_run(args: argparse.Namespace) -> None:
@@ -183,8 +182,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from dl.promotion import PromotionError
     from jobs.run import TrainingFailed
-    from jobs.state import PipelineLocked, StageIncomplete
+    from jobs.state import StageIncomplete
     from jobs.tracking import TrackingUnavailable, require_tracking
+    from pipelines.atomic import LockHeld
     from pipelines.errors import DataError
 
     if args.log_format:
@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         (TrainingFailed, EXIT_TRAINING, "training failed"),
         (TrackingUnavailable, EXIT_TRACKING, "tracking unavailable"),
         (PromotionError, EXIT_PROMOTION, "promotion failed"),
-        (PipelineLocked, EXIT_LOCKED, "locked"),
+        (LockHeld, EXIT_LOCKED, "locked"),  # the pipeline's lock, or an output's
     )
     try:
         if args.command in NEEDS_TRACKING:

@@ -171,8 +171,10 @@ def run_distributed(
 def train_on_cluster(cfg: PipelineConfig, config_path: str, overrides: list[str]) -> dict:
     """The `train` stage runner with TorchDistributor in place of torchrun (a `jobs.run.RUNNERS` entry)."""
     from jobs.run import TrainingFailed
+    from jobs.tracking import outage_reported
 
-    code = run_distributed(config_path, overrides, cfg.train.world_size)
+    with outage_reported(cfg.run_dir):
+        code = run_distributed(config_path, overrides, cfg.train.world_size)
     if code:
         raise TrainingFailed(f"TorchDistributor training exited with code {code} (see the rank logs above)")
     return json.loads((cfg.run_dir / "train_result.json").read_text())

@@ -56,9 +56,11 @@ def _run_etl(cfg: PipelineConfig, config_path: str, overrides: list[str]) -> dic
 
 
 def _run_train(cfg: PipelineConfig, config_path: str, overrides: list[str]) -> dict:
+    from jobs.tracking import outage_reported
     from jobs.train import launch
 
-    code = launch(config_path, overrides, cfg.train.world_size)
+    with outage_reported(cfg.run_dir):  # a rank that lost the tracking server: exit with the tracking code
+        code = launch(config_path, overrides, cfg.train.world_size)
     if code:
         raise TrainingFailed(f"torchrun exited with code {code} (see the rank logs above)")
     return json.loads((cfg.run_dir / "train_result.json").read_text())

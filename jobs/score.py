@@ -12,8 +12,10 @@ from dl.serving import resolve_model_version
 from jobs.config import DriftConf, PipelineConfig
 from jobs.stage import stage
 from jobs.tracking import use_experiment
+from pipelines.atomic import output_lock
 from pipelines.drift import population_stability
 from pipelines.errors import DataError
+from pipelines.input_schema import NUMERIC_ARRAY_TYPES, check_columns
 from pipelines.scoring import score_parquet
 from pipelines.spark import spark_session
 
@@ -34,6 +36,7 @@ def check_drift(spark: SparkSession, conf: DriftConf, training_run_id: str, inpu
         log.warning("drift check skipped: the training manifest of run %s has no reference_distribution", training_run_id)
         return {}
     source = spark.read.parquet(str(input_path))
+    check_columns(source.schema, {reference["column"]: NUMERIC_ARRAY_TYPES}, input_path)  # before any row is read
     rows = source.count()
     sample = source.sample(fraction=min(1.0, conf.sample_rows / max(rows, 1)), seed=0)
     values = population_stability(sample, reference)
@@ -58,14 +61,15 @@ def run_score(
     """Score `input_path` (default: the test split) with `model_uri` (default: the `champion` alias).
 
     The job is an MLflow run of the pipeline's experiment, tagged with the model version it used and
-    that version's training run, so a predictions table leads back to its model and data.
+    that version's training run, so a predictions table leads back to its model and data. The job holds
+    `output_lock(output_path)` throughout: a second job writing the same output is refused (OutputLocked).
     """
     model_uri = model_uri or cfg.score_model_uri
     input_path = Path(input_path or cfg.score_input)
     output_path = Path(output_path or cfg.score_output)
     use_experiment(cfg)
     version = resolve_model_version(model_uri)
-    with stage("score") as summary, mlflow.start_run(run_name=f"score-{cfg.name}") as run:
+    with output_lock(output_path), stage("score") as summary, mlflow.start_run(run_name=f"score-{cfg.name}") as run:
         mlflow.set_tags({
             "dlpipe.stage": "score",
             "model.uri": model_uri,
@@ -78,7 +82,8 @@ def run_score(
         spark = spark_session(cfg.spark, f"dlpipe-score-{cfg.name}")
         drift = check_drift(spark, cfg.score.drift, version.run_id, input_path)
         pinned = f"models:/{version.name}/{version.version}"
-        result = score_parquet(spark, pinned, input_path, output_path, batch_size=cfg.score.batch_size)
+        result = score_parquet(spark, pinned, input_path, output_path, batch_size=cfg.score.batch_size,
+                               device=cfg.score.device)
         mlflow.log_metrics({"rows_in": result["rows_in"], "rows_out": result["rows_out"]})
         summary.update(result, output=str(output_path), **drift)
     return {**result, **drift, "model_uri": model_uri, "input": str(input_path), "output": str(output_path),

@@ -7,20 +7,17 @@ its inputs; an unchanged fingerprint means the stage can be skipped.
 """
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
-import os
 import time
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Iterator
 
 from jobs.config import PipelineConfig
-from pipelines.atomic import write_text_atomic
+from pipelines.atomic import LockHeld, exclusive_lock, write_text_atomic
 
 
-class PipelineLocked(RuntimeError):
+class PipelineLocked(LockHeld):
     """Another process is running this pipeline (same run_dir)."""
 
 
@@ -85,24 +82,7 @@ def clear_marker(cfg: PipelineConfig, stage: str) -> None:
     marker_path(cfg, stage).unlink(missing_ok=True)
 
 
-@contextmanager
-def pipeline_lock(cfg: PipelineConfig) -> Iterator[None]:
+def pipeline_lock(cfg: PipelineConfig) -> AbstractContextManager[None]:
     """Hold `<run_dir>/.lock` for the duration; a second holder gets PipelineLocked at once, never waits."""
-    path = cfg.run_dir / ".lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            raise PipelineLocked(f"pipeline {cfg.name} is already running in {cfg.run_dir} ({holder})") from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
-        handle.flush()
-        try:
-            yield
-        finally:
-            handle.truncate(0)
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    return exclusive_lock(cfg.run_dir / ".lock", f"pipeline {cfg.name} is already running in {cfg.run_dir}",
+                          PipelineLocked)

@@ -89,19 +89,24 @@ def register(
 
 @contextmanager
 def tracking(uri: str) -> Iterator[None]:
-    """Point MLflow's tracking and registry at `uri`, restoring the previous settings afterwards (an unset
-    registry URI stays unset: pinning it would send later clients to this test's registry)."""
+    """Point MLflow's tracking and registry at `uri`, with no active experiment (an id set by an earlier test
+    belongs to another store), restoring the previous settings afterwards (an unset registry URI stays unset:
+    pinning it would send later clients to this test's registry)."""
+    from mlflow.tracking import fluent
     from mlflow.tracking._model_registry import utils as registry_utils
 
     variables = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
-    previous = (mlflow.get_tracking_uri(), registry_utils._registry_uri, {v: os.environ.get(v) for v in variables})
+    previous = (mlflow.get_tracking_uri(), registry_utils._registry_uri, {v: os.environ.get(v) for v in variables},
+                fluent._active_experiment_id)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
+    fluent._active_experiment_id = None
     try:
         yield
     finally:
         mlflow.set_tracking_uri(previous[0])
         registry_utils._registry_uri = previous[1]
+        fluent._active_experiment_id = previous[3]
         for variable, value in previous[2].items():
             if value is None:
                 os.environ.pop(variable, None)

@@ -97,6 +97,10 @@ class StandaloneCluster:
             time.sleep(0.5)
         raise TimeoutError(f"{count} workers did not register at {self.master_url} in {timeout_s:.0f}s\n{self.logs()}")
 
+    def kill_worker(self, index: int) -> None:
+        """SIGKILL worker `index`: its JVM and its process group, i.e. its executors and their Python workers too."""
+        _signal_group(self.processes[f"worker-{index}"], signal.SIGKILL)
+
     def stop(self) -> None:
         """SIGTERM every daemon's process group (executors and Python workers too), then SIGKILL stragglers."""
         for process in self.processes.values():

@@ -90,7 +90,7 @@ def test_run_chains_etl_ddp_training_registration_and_scoring(tmp_path):
     run_dir = tmp_path / "run"
     done = dlpipe(
         "run", str(DIGITS), f"source.path={raw}", f"run_dir={run_dir}", "train.epochs=6",
-        "train.early_stopping.patience=6", cwd=tmp_path,
+        "train.early_stopping.patience=6", "score.device=cpu", cwd=tmp_path,
     )
     assert done.returncode == 0, done.stderr[-3000:]
 

@@ -41,9 +41,10 @@ def _healthy(url: str) -> bool:
 
 
 @contextmanager
-def mlflow_server(root: Path) -> Iterator[str]:
-    """Run `mlflow server` until the block ends; yield its http URL. Its log is printed if the block fails."""
-    port, log_path = _free_port(), root / "mlflow-server.log"
+def mlflow_server(root: Path, port: int | None = None) -> Iterator[str]:
+    """Run `mlflow server` (on `port`, or a free one) until the block ends; yield its http URL. Its log is printed
+    if the block fails; the store under `root` outlives it, so a second server on the same port continues it."""
+    port, log_path = port or _free_port(), root / "mlflow-server.log"
     command = [
         sys.executable, "-m", "mlflow", "server",
         "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
@@ -53,7 +54,7 @@ def mlflow_server(root: Path) -> Iterator[str]:
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no background job runner needed
     env.pop("MLFLOW_TRACKING_URI", None)
     url = f"http://127.0.0.1:{port}"
-    with open(log_path, "wb") as log:
+    with open(log_path, "ab") as log:
         # Its own session: the server forks uvicorn workers, and the whole group is stopped at the end.
         server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
