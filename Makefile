@@ -5,6 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.dlpipe-installed
 DEMO_CONF ?= conf/digits_cnn.yaml
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
 .PHONY: demo test bench check-java venv clean lock
 
@@ -28,8 +29,9 @@ demo: check-java $(STAMP)
 test: check-java $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# Every benchmark, then BENCHMARKS.md rewritten from bench/results/*.json (BENCH_ARGS=--quick: tiny sizes, runs/bench/quick/).
 bench: check-java $(STAMP)
-	$(BIN)/python -m bench
+	$(BIN)/python -m bench $(BENCH_ARGS)
 
 # Re-pin the envelope after a deliberate dependency change (review the diff of constraints.txt).
 lock: $(STAMP)

@@ -1,13 +1,53 @@
-"""`make bench`: every benchmark in bench/, one after the other, each printing its side-by-side table.
+"""`make bench`: run every benchmark in bench/, save each record as JSON, and rewrite BENCHMARKS.md from all records.
 
-Full reports (every timing) go to runs/bench/<name>.json; BENCHMARKS.md records the results with their method.
+    python -m bench [--quick] [--only loader scoring etl training] [--results-dir DIR] [--doc PATH]
+
+Records measured elsewhere (the GPU training runs) stay in bench/results/ untouched and are rendered too.
+`--quick` runs tiny sizes into runs/bench/quick/ (records and its own BENCHMARKS.md), leaving the committed ones.
 """
-from bench import loader, scoring
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from bench import etl, loader, report, scoring, training
+
+REPO = Path(__file__).resolve().parents[1]
+FULL = {
+    "loader": ["--rows", "1000000", "--repeats", "3"],
+    "scoring": ["--rows", "200000", "--repeats", "3"],
+    "etl": ["--rows", "1000000", "10000000", "--repeats", "3", "--big-repeats", "1"],
+    "training": ["--rows", "20000", "--epochs", "2", "--repeats", "3"],
+}
+QUICK = {
+    "loader": ["--rows", "4096", "--repeats", "1"],
+    "scoring": ["--rows", "2048", "--repeats", "1"],
+    "etl": ["--rows", "2000", "--repeats", "1", "--no-low-memory"],
+    "training": ["--rows", "512", "--epochs", "1", "--repeats", "1"],
+}
+MODULES = {"loader": loader, "scoring": scoring, "etl": etl, "training": training}
 
 
-def main() -> None:
-    loader.main(["--rows", "1000000", "--repeats", "3", "--json", "runs/bench/loader.json"])
-    scoring.main(["--rows", "200000", "--repeats", "3", "--json", "runs/bench/scoring.json"])
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, into runs/bench/quick/")
+    parser.add_argument("--only", nargs="+", choices=list(MODULES), default=list(MODULES))
+    parser.add_argument("--results-dir", type=Path, help="default: bench/results (runs/bench/quick with --quick)")
+    parser.add_argument("--doc", type=Path, help="default: BENCHMARKS.md (<results-dir>/BENCHMARKS.md with --quick)")
+    parser.add_argument("--data-dir", default="runs/bench", help="where generated inputs are cached")
+    args = parser.parse_args(argv)
+    results = args.results_dir or (REPO / "runs" / "bench" / "quick" if args.quick else report.RESULTS)
+    doc = args.doc or (results / "BENCHMARKS.md" if args.quick else REPO / "BENCHMARKS.md")
+    sizes = QUICK if args.quick else FULL
+    for name in args.only:
+        print(f"== {name}", flush=True)
+        record = MODULES[name].main([*sizes[name], "--data-dir", str(args.data_dir)])
+        report.save(record, results / f"{name}.json")
+    text = report.render(results)
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    doc.write_text(text)
+    print(f"wrote {doc} from the records in {results}")
+    return text
 
 
 if __name__ == "__main__":

@@ -1,0 +1,88 @@
+"""`make bench` cannot silently rot: every benchmark runs end to end at tiny sizes and the report renders them all.
+
+No timing is asserted: only that each benchmark measured what it says (rows, counts, ratios) and that the
+document holds every record's table, including a record measured on another machine (a GPU).
+"""
+import json
+
+import pytest
+
+from bench import __main__ as bench_main
+from bench import etl, loader, report, scoring, training
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench")
+    results, doc = root / "results", root / "BENCHMARKS.md"
+    text = bench_main.main(["--quick", "--results-dir", str(results), "--doc", str(doc),
+                            "--data-dir", str(root / "data")])
+    records = {path.stem: json.loads(path.read_text()) for path in results.glob("*.json")}
+    return records, text, doc
+
+
+def test_every_benchmark_writes_a_record_with_machine_and_load(quick_run):
+    records, _, _ = quick_run
+    assert set(records) == {"loader", "scoring", "etl", "training"}
+    for name, record in records.items():
+        assert record["benchmark"] == name
+        assert record["machine"]["cores"] >= 1 and record["machine"]["versions"]["torch"]
+        assert record["load_average"]["samples"] >= 2 and record["load_average"]["max"] >= 0
+
+
+def test_loader_reads_every_row_on_every_path(quick_run):
+    record = quick_run[0]["loader"]
+    rows = {r["path"]: r["rows"] for r in record["results"]}
+    assert rows[loader.PATHS[0][0]] == 4096
+    assert rows["dlpipe `ArrowLoader`, world 1 (shuffled)"] == 4096
+    assert rows["dlpipe `ArrowLoader`, rank 0 of world 2 (its half)"] == 2048
+    assert record["results"][0]["vs_raw_scan"] == 1.0
+
+
+def test_scoring_scores_every_row(quick_run):
+    record = quick_run[0]["scoring"]
+    for result in record["results"].values():
+        assert [count for _, count, _ in result["runs"]] == [2048]
+    assert record["dlpipe_vs_spark_udf"] > 0
+
+
+def test_etl_engines_agree_on_every_count(quick_run):
+    record = quick_run[0]["etl"]
+    counts = {r["engine"]: r["counts"] for r in record["results"]}
+    assert set(counts) == set(etl.ENGINES)
+    for engine, c in counts.items():
+        assert c["rows_in"] == 2000, engine
+        assert c["rows_quarantined"] == 5, engine  # one row per planted problem kind
+        assert c["rows_clean"] + c["rows_quarantined"] == c["rows_in"], engine
+        assert c["train"] + c["val"] + c["test"] == c["rows_clean"], engine
+        assert 0.6 < c["train"] / c["rows_clean"] < 0.8, engine
+    spark = next(r for r in record["results"] if r["engine"] == "dlpipe-spark")
+    assert spark["dlpipe_rows_per_s_ratio"] == 1.0 and spark["peak_rss_mb"] > 100  # the JVM was sampled
+
+
+def test_training_runs_each_path_and_world_size(quick_run):
+    record = quick_run[0]["training"]
+    cases = {(r["world_size"], r["source"]): r for r in record["results"]}
+    assert set(cases) == {(1, "memory"), (1, "arrow"), (2, "memory"), (2, "arrow")}
+    batch = record["results"][0]["batch_size"]
+    for (world, _), result in cases.items():
+        run = result["runs"][0]
+        assert run["samples"] == 512  # one timed epoch over every row, all ranks together
+        assert run["steps_per_rank"] == -(-512 // world // batch)
+        assert 0.0 <= result["data_wait_fraction"] < 1.0
+    assert cases[1, "memory"]["vs_in_memory"] == 1.0 and cases[2, "arrow"]["vs_world_1"] > 0
+
+
+def test_report_renders_every_record_and_one_from_another_machine(quick_run, tmp_path):
+    records, text, doc = quick_run
+    assert doc.read_text() == text
+    for module in (loader, scoring, etl, training):
+        assert text.count(f"## {module.TITLE}") == 1 and module.METHOD.strip() in text
+        assert module.markdown_table(records[module.__name__.split(".")[-1]]) in text
+    gpu = {**records["training"], "machine": {**records["training"]["machine"], "gpu": "NVIDIA H100 80GB HBM3"}}
+    for name, record in {**records, "training-h100": gpu}.items():
+        report.save(record, tmp_path / f"{name}.json")
+    rendered = report.render(tmp_path)
+    assert rendered.count("### Run of ") == 5
+    training_section = rendered.split(f"## {training.TITLE}")[1].split("\n## ")[0]
+    assert training_section.count("### Run of ") == 2 and "on NVIDIA H100 80GB HBM3" in training_section
