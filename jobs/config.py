@@ -5,12 +5,13 @@ returns is what every stage runs with and what MLflow records.
 """
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, PrivateAttr, ValidationError, model_validator
 
 
 class ConfigError(ValueError):
@@ -483,6 +484,7 @@ class PipelineConfig(_Strict):
     promote: PromoteConf = Field(default_factory=PromoteConf)
     # when set, every path above must lie inside one of these folders (after `..` and symlinks are resolved)
     roots: list[Path] | None = Field(None, min_length=1)
+    _from_environment: dict[tuple, str] = PrivateAttr(default_factory=dict)  # key path -> "${NAME}" as written
 
     @model_validator(mode="after")
     def _augment_images_only(self) -> "PipelineConfig":
@@ -547,8 +549,15 @@ class PipelineConfig(_Strict):
         return self.score.output or self.run_dir / "predictions"
 
     def loggable(self) -> dict:
-        """The resolved config as plain data with secret-looking values masked: what MLflow and logs see."""
-        return mask_secrets(self.model_dump(mode="json"))
+        """The resolved config as plain data with secret-looking values masked and values read from the environment
+        shown as written (`${NAME}`, not what NAME holds): what MLflow and logs see."""
+        data = self.model_dump(mode="json")
+        for keys, template in self._from_environment.items():
+            node = data
+            for key in keys[:-1]:
+                node = node[key]
+            node[keys[-1]] = template
+        return mask_secrets(data)
 
     def as_params(self) -> dict[str, Any]:
         """The loggable config flattened to MLflow params: {"train.optimizer.lr": 0.002, ...}."""
@@ -607,7 +616,10 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, sep, raw = text.partition("=")
     if not sep or not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {text!r}: expected key.sub=value")
-    return key.split("."), read_yaml(raw) if raw else ""
+    try:
+        return key.split("."), read_yaml(raw) if raw else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({exc.problem})") from None
 
 
 def _apply_override(data: dict, keys: list[str], value: Any, text: str) -> None:
@@ -656,8 +668,32 @@ def validate_config(data: Any, origin: str) -> PipelineConfig:
         raise ConfigError(f"{origin}: {problems}") from None
 
 
+_ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def resolve_environment(data: Any, origin: str, keys: tuple = ()) -> tuple[Any, dict[tuple, str]]:
+    """`${NAME}` inside string values -> environment variable NAME (how secrets reach a config without being
+    written in it); returns the data and {key path: the string as written} for each value that used one."""
+    if isinstance(data, dict):
+        pairs = [(key, *resolve_environment(value, origin, (*keys, key))) for key, value in data.items()]
+        return {key: value for key, value, _ in pairs}, {k: v for _, _, found in pairs for k, v in found.items()}
+    if isinstance(data, list):
+        items = [resolve_environment(value, origin, (*keys, index)) for index, value in enumerate(data)]
+        return [value for value, _ in items], {k: v for _, found in items for k, v in found.items()}
+    if not isinstance(data, str) or not _ENV_REFERENCE.search(data):
+        return data, {}
+
+    def variable(match: re.Match) -> str:
+        if match[1] not in os.environ:
+            where = ".".join(str(key) for key in keys)
+            raise ConfigError(f"{origin}: '{where}' reads environment variable {match[1]}, which is not set")
+        return os.environ[match[1]]
+
+    return _ENV_REFERENCE.sub(variable, data), {keys: data}
+
+
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
-    """Load a pipeline YAML, apply `key.sub=value` overrides, and validate the result."""
+    """Load a pipeline YAML, apply `key.sub=value` overrides, fill in `${NAME}` environment references, validate."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
@@ -671,4 +707,7 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         keys, value = parse_override(text)
         _apply_override(data, keys, value, text)
     origin = f"{path}" + (f" (with overrides {' '.join(overrides)})" if overrides else "")
-    return validate_config(data, origin)
+    data, from_environment = resolve_environment(data, origin)
+    cfg = validate_config(data, origin)
+    cfg._from_environment = from_environment
+    return cfg

@@ -9,7 +9,7 @@ from mlflow.exceptions import MlflowException
 from pyspark.sql import SparkSession
 
 from dl.serving import resolve_model_version
-from jobs.config import DriftConf, PipelineConfig
+from jobs.config import ConfigError, DriftConf, PipelineConfig
 from jobs.stage import stage
 from jobs.tracking import use_experiment
 from pipelines.atomic import output_lock
@@ -68,7 +68,10 @@ def run_score(
     input_path = Path(input_path or cfg.score_input)
     output_path = Path(output_path or cfg.score_output)
     use_experiment(cfg)
-    version = resolve_model_version(model_uri)
+    try:  # only registry URIs, resolved in the configured registry: never a path, runs:/ URI or pickle elsewhere
+        version = resolve_model_version(model_uri)
+    except ValueError as exc:
+        raise ConfigError(f"{exc}; models are scored only from the configured registry {cfg.tracking_uri}") from None
     with output_lock(output_path), stage("score") as summary, mlflow.start_run(run_name=f"score-{cfg.name}") as run:
         mlflow.set_tags({
             "dlpipe.stage": "score",

@@ -1,4 +1,5 @@
 """Config loading: typed values, overrides, and errors that name the file and the key."""
+import json
 from pathlib import Path
 
 import pytest
@@ -90,6 +91,26 @@ def test_off_and_no_are_words_not_booleans_in_files_and_overrides(tmp_path):
     written = tmp_path / "conf.yaml"
     written.write_text(DIGITS.read_text() + "\ntrain: {amp: off, resume: false}\n")
     assert load_config(written).train.amp == "off"
+
+
+def test_secrets_come_from_the_environment_and_are_logged_as_written(monkeypatch):
+    monkeypatch.setenv("DLPIPE_TEST_SECRET", "hunter2-from-env")
+    cfg = load_config(DIGITS, ["mlflow.tracking_uri=http://svc:${DLPIPE_TEST_SECRET}@127.0.0.1:5000",
+                               'spark.conf={spark.hadoop.fs.s3a.endpoint: "https://${DLPIPE_TEST_SECRET}.example"}'])
+    assert cfg.tracking_uri == "http://svc:hunter2-from-env@127.0.0.1:5000"
+    assert cfg.spark.conf["spark.hadoop.fs.s3a.endpoint"] == "https://hunter2-from-env.example"
+    logged = json.dumps(cfg.as_params()) + cfg.to_yaml()
+    assert "hunter2" not in logged
+    assert cfg.as_params()["spark.conf.spark.hadoop.fs.s3a.endpoint"] == "https://${DLPIPE_TEST_SECRET}.example"
+
+
+def test_an_unset_environment_variable_or_bad_override_yaml_is_a_config_error(monkeypatch):
+    monkeypatch.delenv("DLPIPE_TEST_UNSET", raising=False)
+    with pytest.raises(ConfigError, match="'mlflow.tracking_uri' reads environment variable DLPIPE_TEST_UNSET, "
+                                          "which is not set"):
+        load_config(DIGITS, ["mlflow.tracking_uri=http://${DLPIPE_TEST_UNSET}@h:5000"])
+    with pytest.raises(ConfigError, match="the value is not valid YAML"):
+        parse_override("spark.conf={a: b")
 
 
 @pytest.mark.parametrize("text", ["noequals", "=3", "a..b=1"])
