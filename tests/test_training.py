@@ -441,7 +441,7 @@ def test_two_nodes_joined_by_rendezvous_train_to_the_single_host_weights(launche
     node = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
             "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{_free_port()}", "--rdzv-id=dlpipe-test",
             "-m", "jobs.train", str(config)]
-    env = {**os.environ, **TORCHRUN_ENV}
+    env = {**os.environ, **TORCHRUN_ENV, "OMP_NUM_THREADS": "1"}  # as torchrun sets for the reference's 2 local ranks
     nodes = [subprocess.Popen(node, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for _ in range(2)]
     outputs = [process.communicate(timeout=RANK_TIMEOUT_S)[0] for process in nodes]
