@@ -42,17 +42,19 @@ def _restore_mlflow_state(state: tuple) -> None:
             os.environ[name] = value
 
 
-@pytest.fixture(scope="session")
-def pristine_mlflow_state() -> tuple:
-    """MLflow's process-wide settings before any test ran."""
-    return _mlflow_state()
+@pytest.fixture(scope="module", autouse=True)
+def module_mlflow_state():
+    """What a module's fixtures set (they may run a stage for all its tests) ends with the module."""
+    state = _mlflow_state()
+    yield
+    _restore_mlflow_state(state)
 
 
 @pytest.fixture(autouse=True)
-def isolated_mlflow_state(pristine_mlflow_state):
+def isolated_mlflow_state(module_mlflow_state):
     """Stages point MLflow at their pipeline's store and experiment process-wide (right for a job). In a test
-    process that would send the next test's clients, runs and subprocesses to another test's store, so every
-    test starts and ends with the settings the session began with (also after a module fixture ran a stage)."""
-    _restore_mlflow_state(pristine_mlflow_state)
+    process that would send later tests' clients, runs and subprocesses to this test's store: each test ends with
+    the settings it started with (and each module with those it started with)."""
+    state = _mlflow_state()
     yield
-    _restore_mlflow_state(pristine_mlflow_state)
+    _restore_mlflow_state(state)
