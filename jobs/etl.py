@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pyspark import StorageLevel
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
@@ -16,6 +15,7 @@ from jobs.lineage import etl_run, record_dataset
 from jobs.stage import stage
 from pipelines import images, tables, text
 from pipelines.baselines import forecast_baselines
+from pipelines.caching import cached
 from pipelines.dataset import (
     build_manifest,
     check_counts,
@@ -26,7 +26,7 @@ from pipelines.dataset import (
     encode_labels,
     file_content_hash,
     quarantine_reasons,
-    split_counts,
+    split_sizes,
     write_dataset,
     write_quarantine,
 )
@@ -36,14 +36,11 @@ from pipelines.quarantine import count_rows, quarantine_rows
 from pipelines.drift import fit_reference
 from pipelines.scaling import fit_scaler
 from pipelines.spark import spark_session
-from pipelines.split import SPLITS, split_rows
-from pipelines.vocabulary import fit_vocabulary
+from pipelines.split import SPLITS, check_split_sizes, split_rows
+from pipelines.vocabulary import fit_vocabularies
 from pipelines.windows import sliding_windows
 
 UNKNOWN_CATEGORY = "<unknown>"  # id 0 of every categorical vocabulary: values not seen in train
-# Inputs reused by several passes are cached on disk, not in the heap: building an in-memory cache of 10M
-# checked rows ran a 1 GiB driver out of heap (tests/reliability/test_load.py); on disk it leaves execution the heap.
-CACHE = StorageLevel.DISK_ONLY
 
 
 def run_etl(cfg: PipelineConfig) -> dict:
@@ -61,42 +58,37 @@ def run_etl(cfg: PipelineConfig) -> dict:
 
 def _image_etl(spark: SparkSession, cfg: PipelineConfig) -> dict:
     channels, height, width = images.feature_shape(cfg.source)
-    decoded = images.ingest_image_folder(spark, cfg.source).persist(CACHE)  # images are decoded once, then reused
-    try:
+    with cached(images.ingest_image_folder(spark, cfg.source)) as decoded:  # images are decoded once, then reused
         counts, reasons = _quarantine(decoded, images.is_clean(), cfg)
         clean = images.clean_rows(decoded)
         classes = class_names(clean, "label")
-        rows = split_rows(encode_labels(clean, "label", classes), "id", "label", cfg.split)
+        rows, balance = _split(encode_labels(clean, "label", classes), classes, cfg, counts["rows_clean"])
         scaler = fit_scaler(_train(rows), "raw_features", cfg.normalize, group_size=height * width)
         dataset = dataset_columns(scaler.transform(rows, "raw_features", "features"), cfg.output.keep_raw)
         preprocessing = {"image_size": list(cfg.source.image_size), "channels": channels, "scaler": scaler.to_dict()}
         return _write(
-            cfg, dataset, rows, counts, reasons, classes,
+            cfg, dataset, counts, reasons, classes, balance,
             quality=quality_report(rows, [], classes),
-            split_total=counts["rows_clean"],
             input_hash=content_hash(decoded, "id", "content_sha256"),
             input_files=counts["rows_in"],
             feature_shape=(channels, height, width),
             preprocessing=preprocessing,
         )
-    finally:
-        decoded.unpersist()
 
 
 def _table_etl(spark: SparkSession, cfg: PipelineConfig) -> dict:
     source = cfg.source
     files = tables.source_files(source.path)
-    checked = tables.ingest_table(spark, source, files).persist(CACHE)  # the input is read once, then reused
-    try:
+    with tables.checked_table(spark, source, files) as checked:  # the input is read and checked once
         counts, reasons = _quarantine(checked, tables.is_clean(), cfg)
         tables.check_duplicates(reasons, source)
         numeric, categorical = tables.feature_columns(source)
         clean = tables.with_raw_features(checked.where(tables.is_clean()), numeric)
         clean, classes = _encoded_labels(clean, source.label)
-        rows = split_rows(clean, "id", "label" if classes else None, cfg.split)
+        rows, balance = _split(clean, classes, cfg, counts["rows_clean"])
         train = _train(rows)
         scaler = fit_scaler(train, "raw_features", cfg.normalize, group_size=1, names=numeric)
-        vocabularies = {name: fit_vocabulary(train, name, (UNKNOWN_CATEGORY,), oov_id=0) for name in categorical}
+        vocabularies = fit_vocabularies(train, categorical, (UNKNOWN_CATEGORY,), oov_id=0)
         indexed = rows.select("*", *[v.index(F.col(n)).alias(f"{n}_index") for n, v in vocabularies.items()])
         dataset = dataset_columns(
             scaler.transform(indexed, "raw_features", "features"),
@@ -110,16 +102,13 @@ def _table_etl(spark: SparkSession, cfg: PipelineConfig) -> dict:
             "categorical": {name: v.to_dict() for name, v in vocabularies.items()},
         }
         return _write(
-            cfg, dataset, rows, counts, reasons, classes,
+            cfg, dataset, counts, reasons, classes, balance,
             quality=quality_report(rows, _quality_columns(source), classes),
-            split_total=counts["rows_clean"],
             input_hash=file_content_hash(files, _source_root(source)),
             input_files=len(files),
             feature_shape=(len(numeric),),
             preprocessing=preprocessing,
         )
-    finally:
-        checked.unpersist()
 
 
 def _timeseries_etl(spark: SparkSession, cfg: PipelineConfig) -> dict:
@@ -127,12 +116,12 @@ def _timeseries_etl(spark: SparkSession, cfg: PipelineConfig) -> dict:
     if cfg.split.method != "time" or cfg.split.time_column != source.time_column:
         raise DataError(f"a time series needs split.method time with split.time_column '{source.time_column}'")
     files = tables.source_files(source.path)
-    checked = tables.ingest_table(spark, source, files).persist(CACHE)
-    try:
+    with tables.checked_table(spark, source, files) as checked:
         counts, reasons = _quarantine(checked, tables.is_clean(), cfg)
         tables.check_duplicates(reasons, source)
         inputs = source.input_columns
-        steps = split_rows(tables.with_raw_features(checked.where(tables.is_clean()), inputs), "id", None, cfg.split)
+        steps, _ = _split(tables.with_raw_features(checked.where(tables.is_clean()), inputs), [], cfg,
+                          counts["rows_clean"])
         scaler = fit_scaler(_train(steps), "raw_features", cfg.normalize, group_size=1, names=inputs)
         scaled = scaler.transform(steps, "raw_features", "features")
         windows = sliding_windows(scaled, window, source.time_column, source.series_key, source.target)
@@ -149,30 +138,28 @@ def _timeseries_etl(spark: SparkSession, cfg: PipelineConfig) -> dict:
         baselines = lambda written: {  # noqa: E731
             "baselines": forecast_baselines(written, len(inputs), inputs.index(source.target), source.baseline_lags)
         }
+        balance = class_balance(windows, [])  # the dataset rows are windows, not the clean steps
+        check_split_sizes(split_sizes(balance), cfg.split)
         return _write(
-            cfg, dataset, windows, counts, reasons, [],
+            cfg, dataset, counts, reasons, [], balance,
             quality=quality_report(steps, _quality_columns(source), []),
-            split_total=None,  # the dataset rows are windows, not the clean steps
             describe_written=baselines if cfg.output.keep_raw else None,
             input_hash=file_content_hash(files, _source_root(source)),
             input_files=len(files),
             feature_shape=(window.length, len(inputs)),
             preprocessing=preprocessing,
         )
-    finally:
-        checked.unpersist()
 
 
 def _text_etl(spark: SparkSession, cfg: PipelineConfig) -> dict:
     source = cfg.source
     files = tables.source_files(source.path)
-    checked = tables.ingest_table(spark, source, files, check=lambda rows: text.tokenize(rows, source)).persist(CACHE)
-    try:
+    with tables.checked_table(spark, source, files, check=lambda rows: text.tokenize(rows, source)) as checked:
         counts, reasons = _quarantine(checked, tables.is_clean(), cfg)
         tables.check_duplicates(reasons, source)
         clean, classes = _encoded_labels(checked.where(tables.is_clean()), source.label)
         clean = clean.withColumn("text", F.col(source.text_column))
-        rows = split_rows(clean, "id", "label" if classes else None, cfg.split)
+        rows, balance = _split(clean, classes, cfg, counts["rows_clean"])
         vocabulary = text.fit_text_vocabulary(_train(rows), source)
         indexed = text.token_ids(rows, vocabulary, source.max_length)
         keep_raw = cfg.output.keep_raw
@@ -187,25 +174,30 @@ def _text_etl(spark: SparkSession, cfg: PipelineConfig) -> dict:
             "vocabulary": vocabulary.to_dict(),
         }
         return _write(
-            cfg, dataset, rows, counts, reasons, classes,
+            cfg, dataset, counts, reasons, classes, balance,
             quality=quality_report(indexed, [*_quality_columns(source), "length"], classes),
-            split_total=counts["rows_clean"],
             input_hash=file_content_hash(files, _source_root(source)),
             input_files=len(files),
             feature_shape=(source.max_length,),
             preprocessing=preprocessing,
         )
-    finally:
-        checked.unpersist()
 
 
 def _quarantine(checked: DataFrame, is_clean: Column, cfg: PipelineConfig) -> tuple[dict[str, int], dict[str, int]]:
     """Write the quarantine, reconcile the counts and enforce `max_bad_fraction`: (counts, reason -> rows)."""
-    quarantined = quarantine_rows(checked)
-    write_quarantine(quarantined, cfg.quarantine_dir)
+    write_quarantine(quarantine_rows(checked), cfg.quarantine_dir)
     counts = count_rows(checked, is_clean)
     check_counts(counts, cfg.source.max_bad_fraction, cfg.quarantine_dir)
-    return counts, quarantine_reasons(quarantined)
+    return counts, quarantine_reasons(cfg.quarantine_dir, checked.sparkSession)
+
+
+def _split(clean: DataFrame, classes: list[str], cfg: PipelineConfig, total: int) -> tuple[DataFrame, dict]:
+    """(the `total` clean rows with `split`, rows per split and class): DataError, before anything is fitted,
+    when the splits do not add up or one is empty. The per-split counts take one pass."""
+    rows = split_rows(clean, "id", "label" if classes else None, cfg.split)
+    balance = class_balance(rows, classes)
+    check_split_sizes(split_sizes(balance), cfg.split, total)
+    return rows, balance
 
 
 def _encoded_labels(clean: DataFrame, label_col: str | None) -> tuple[DataFrame, list[str]]:
@@ -232,14 +224,11 @@ def _source_root(source: tables.FileSource) -> Path:
     return source.path.resolve() if source.path.is_dir() else source.path.resolve().parent
 
 
-def _write(cfg, dataset, examples, counts, reasons, classes, *, quality, split_total, describe_written=None,
+def _write(cfg, dataset, counts, reasons, classes, balance, *, quality, describe_written=None,
            **manifest_fields) -> dict:
-    """Count the dataset rows (`examples`) per split, build the manifest and write the dataset with it.
-
-    The splits must add up to `split_total` (None: no check); returns the manifest as written.
-    """
-    balance = class_balance(examples, classes)
-    counts = counts | split_counts(balance, split_total)
+    """Build the manifest (the dataset rows per split and class: `balance`) and write the dataset with it;
+    returns the manifest as written."""
+    counts = counts | split_sizes(balance)
     manifest = build_manifest(
         cfg, dataset=dataset, classes=classes, counts=counts, balance=balance, quarantine_reasons=reasons,
         **manifest_fields,

@@ -7,12 +7,11 @@ from __future__ import annotations
 import hashlib
 import json
 from datetime import datetime, timezone
-from functools import reduce
 from pathlib import Path
 from typing import Callable
 
 import pyarrow.parquet as pq
-from pyspark.sql import DataFrame
+from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from jobs.config import OutputConf, PipelineConfig
@@ -30,9 +29,10 @@ def write_quarantine(rows: DataFrame, path: Path) -> None:
         rows.write.parquet(str(staging))
 
 
-def quarantine_reasons(quarantined: DataFrame) -> dict[str, int]:
-    """Reason -> number of quarantined rows."""
-    return dict(sorted((row["reason"], row["count"]) for row in quarantined.groupBy("reason").count().collect()))
+def quarantine_reasons(quarantine_dir: Path, spark: SparkSession) -> dict[str, int]:
+    """Reason -> number of rows, from the quarantine as written (its reason column only: no pass over the input)."""
+    counted = spark.read.parquet(str(quarantine_dir)).groupBy("reason").count().collect()
+    return dict(sorted((row["reason"], row["count"]) for row in counted))
 
 
 def check_counts(counts: dict[str, int], max_bad_fraction: float, quarantine_dir: Path) -> None:
@@ -91,15 +91,9 @@ def class_balance(rows: DataFrame, classes: list[str]) -> dict[str, dict[str, in
     return {split: dict(sorted(per_class.items())) for split, per_class in balance.items()}
 
 
-def split_counts(balance: dict[str, dict[str, int]], rows: int | None) -> dict[str, int]:
-    """Rows per split; raise if a split is empty or the splits do not add up to `rows` (when given)."""
-    counts = {split: sum(balance[split].values()) for split in SPLITS}
-    if rows is not None and sum(counts.values()) != rows:
-        raise DataError(f"split counts {counts} do not add up to the {rows} rows split")
-    empty = [split for split, count in counts.items() if count == 0]
-    if empty:
-        raise DataError(f"split(s) {', '.join(empty)} would be empty: {counts} from {rows} rows")
-    return counts
+def split_sizes(balance: dict[str, dict[str, int]]) -> dict[str, int]:
+    """Rows per split, from a `class_balance`."""
+    return {split: sum(per_class.values()) for split, per_class in balance.items()}
 
 
 def dataset_columns(
@@ -153,6 +147,14 @@ def _row_groups(split_dir: Path) -> int:
     return sum(pq.ParquetFile(path).num_row_groups for path in split_dir.glob("*.parquet"))
 
 
+def _in_files(dataset: DataFrame, files: int) -> DataFrame:
+    """`dataset` in `files` partitions: each becomes one file per split. Merging partitions needs no shuffle, so
+    only an input with fewer partitions than `files` (a small one) is shuffled to make more."""
+    if dataset.rdd.getNumPartitions() >= files:
+        return dataset.coalesce(files)
+    return dataset.repartition(files)
+
+
 def write_dataset(
     dataset: DataFrame,
     out_dir: Path,
@@ -162,14 +164,14 @@ def write_dataset(
     world_size: int,
     describe_written: Callable[[Path], dict] | None = None,
 ) -> dict:
-    """Write `output.files_per_split` Parquet files per split, manifest.json and quality.json, replacing `out_dir`
-    atomically; returns the manifest, with the fields `describe_written(written folder)` adds (e.g. baselines).
+    """Write `output.files_per_split` Parquet files per split (one pass: each write task writes its rows of every
+    split), manifest.json and quality.json, replacing `out_dir` atomically; returns the manifest, with the fields
+    `describe_written(written folder)` adds (e.g. baselines).
 
     Raises DataError (leaving any previous dataset in place) when the train split has fewer row groups than
     `world_size`: petastorm shards row groups across ranks.
     """
-    per_split = [dataset.where(F.col("split") == split).repartition(output.files_per_split) for split in SPLITS]
-    writer = reduce(DataFrame.unionByName, per_split).write.option("parquet.block.size", output.row_group_bytes)
+    writer = _in_files(dataset, output.files_per_split).write.option("parquet.block.size", output.row_group_bytes)
     with atomic_directory(out_dir) as staging:
         writer.partitionBy("split").parquet(str(staging))
         train_row_groups = _row_groups(staging / "split=train")

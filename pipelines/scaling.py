@@ -15,6 +15,7 @@ from pyspark.sql import functions as F
 
 from jobs.config import NormalizeConf
 
+UNROLLED_WIDTH = 1024  # arrays up to this wide are scaled element by element (see FittedScaler.column)
 ROBUST_ACCURACY = 100_000  # percentile_approx accuracy: relative rank error at most 1/ROBUST_ACCURACY
 SPREAD_NAMES = {"zscore": "standard deviation", "log1p": "standard deviation", "minmax": "range", "robust": "IQR"}
 
@@ -48,14 +49,25 @@ class FittedScaler:
                    tuple(data.get("zero_spread", ())))  # informational; absent from manifests written before it
 
     def column(self, values: Column) -> Column:
-        """The scaled array<float> as a Spark column expression (runs in the JVM, no Python UDF)."""
+        """The scaled array<float> as a Spark column expression (runs in the JVM, no Python UDF).
+
+        Arrays of up to UNROLLED_WIDTH elements are scaled element by element, in code Spark generates and the JVM
+        compiles; a longer one (a large image) goes through a higher-order function, which Spark interprets.
+        """
+        width = len(self.offset) * self.group_size
+        if width <= UNROLLED_WIDTH:
+            statistics = [(self.offset[i // self.group_size], self.scale[i // self.group_size]) for i in range(width)]
+            return F.array(*[self._scaled(values[i], F.lit(o), F.lit(s)) for i, (o, s) in enumerate(statistics)])
         offset = F.array(*[F.lit(v) for v in self.offset])
         scale = F.array(*[F.lit(v) for v in self.scale])
         group = lambda i: F.floor(i / F.lit(self.group_size)).cast("int")  # noqa: E731
+        return F.transform(values, lambda x, i: self._scaled(x, offset[group(i)], scale[group(i)]))
+
+    def _scaled(self, x: Column, offset: Column, scale: Column) -> Column:
+        """One element scaled by its group's `offset` and `scale` (a missing element scales to 0), as float."""
         if self.method == "log1p":
-            values = F.transform(values, signed_log1p)
-        scaled = lambda x, i: F.coalesce((x - offset[group(i)]) / scale[group(i)], F.lit(0.0))  # noqa: E731
-        return F.transform(values, lambda x, i: scaled(x, i).cast("float"))
+            x = signed_log1p(x)
+        return F.coalesce((x - offset) / scale, F.lit(0.0)).cast("float")
 
     def transform(self, df: DataFrame, input_col: str, output_col: str) -> DataFrame:
         """Add `output_col` = scaled `input_col` to a Spark DataFrame."""

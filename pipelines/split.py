@@ -26,26 +26,26 @@ def _cut(position: Column, conf: SplitConf, rows: Column | None = None) -> Colum
 
 
 def split_rows(df: DataFrame, key_col: str, label_col: str | None, conf: SplitConf) -> DataFrame:
-    """Add `split` by `conf.method` (ranked, hash or time); DataError when a split would be empty (one count pass)."""
+    """Add `split` by `conf.method` (ranked, hash or time)."""
     if conf.method == "hash":
-        rows = hash_split(df, key_col, conf)
-    elif conf.method == "time":
-        rows = time_split(df, conf.time_column, conf)
-    else:
-        rows = assign_split(df, key_col, label_col, conf)
-    check_no_split_empty(rows, conf)
-    return rows
+        return hash_split(df, key_col, conf)
+    if conf.method == "time":
+        return time_split(df, conf.time_column, conf)
+    return assign_split(df, key_col, label_col, conf)
 
 
-def check_no_split_empty(rows: DataFrame, conf: SplitConf) -> None:
-    """DataError naming every empty split, the rows split and the ratios (a tiny input), before anything uses them."""
-    counts = dict.fromkeys(SPLITS, 0) | {row["split"]: row["count"] for row in rows.groupBy("split").count().collect()}
-    empty = [split for split in SPLITS if counts[split] == 0]
+def check_split_sizes(counts: dict[str, int], conf: SplitConf, total: int | None = None) -> None:
+    """DataError when the rows per split do not add up to the `total` rows split (when given), or when a split is
+    empty (a tiny input): the message names every empty split, the rows split and the ratios."""
+    rows = sum(counts.get(split, 0) for split in SPLITS)
+    if total is not None and rows != total:
+        raise DataError(f"split counts {counts} do not add up to the {total} rows split")
+    empty = [split for split in SPLITS if not counts.get(split)]
     if empty:
         raise DataError(
             f"split {', '.join(repr(split) for split in empty)} {'is' if len(empty) == 1 else 'are'} empty: "
-            f"{sum(counts.values())} clean rows with ratios {conf.train:g}/{conf.val:g}/{conf.test:g} "
-            f"({', '.join(f'{split} {count}' for split, count in counts.items())}); "
+            f"{rows} clean rows with ratios {conf.train:g}/{conf.val:g}/{conf.test:g} "
+            f"({', '.join(f'{split} {counts.get(split, 0)}' for split in SPLITS)}); "
             f"add rows or change split ratios"
         )
 

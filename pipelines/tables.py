@@ -8,15 +8,18 @@ Reasons name the column and the kind of problem, never the value (the value is i
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 from pyspark.sql.types import StringType, StructField, StructType
 
 from jobs.config import ColumnSpec, TableSource, TextSource, TimeSeriesSource
+from pipelines.caching import cached, materialized
 from pipelines.errors import DataError
+from pipelines.quarantine import is_quarantined
 
 CORRUPT_RECORD = "_corrupt_record"
 NUMERIC_TYPES = ("int", "long", "float", "double")
@@ -77,9 +80,11 @@ def _read_json_lines(spark: SparkSession, text: StructType, paths: list[str]) ->
                          .alias(CORRUPT_RECORD))
 
 
-def _value_problem(spec: ColumnSpec, raw: Column, required: bool) -> Column:
-    """Why this column's value keeps its row out (null when it is fine); the first problem found wins."""
-    typed = raw.cast(spec.type)
+def _value_problem(spec: ColumnSpec, raw: Column, typed: Column, required: bool) -> Column:
+    """Why this column's value keeps its row out (null when it is fine); the first problem found wins.
+
+    `raw` is the value as read, `typed` its cast to the declared type (computed once, in an earlier projection).
+    """
     where = f"column '{spec.name}'"
     problem = F.when(raw.isNull(), F.lit(f"{where}: missing required value") if required else F.lit(None))
     wrong_type = typed.isNull()
@@ -99,52 +104,99 @@ def _value_problem(spec: ColumnSpec, raw: Column, required: bool) -> Column:
 
 
 def _row_reason(source: FileSource) -> Column:
+    """The row's reason over the `_raw_<name>` and typed `<name>` columns: the reasons of its columns joined by '; '.
+
+    The joined text is built only for a row with a problem: on clean rows (nearly all) the checks run once and
+    no string is made.
+    """
     required = lambda c: not c.nullable or c.name in source.key_columns  # noqa: E731
-    problems = F.concat_ws("; ", *[_value_problem(c, F.col(c.name), required(c)) for c in source.columns])
+    problems = [_value_problem(c, F.col(_raw(c.name)), F.col(c.name), required(c)) for c in source.columns]
     malformed = F.lit(malformed_reason(source.file_format, len(source.columns)))
-    return F.when(F.col(CORRUPT_RECORD).isNotNull(), malformed).otherwise(F.nullif(problems, F.lit("")))
+    return (F.when(F.col(CORRUPT_RECORD).isNotNull(), malformed)
+            .when(F.coalesce(*problems).isNotNull(), F.concat_ws("; ", *problems)))
 
 
-def _mark_duplicates(checked: DataFrame) -> DataFrame:
-    """Give every clean row whose key an earlier clean row has (input order: file, then position) a reason."""
-    earlier = Window.partitionBy("id", F.col("reason").isNull()).orderBy("source_file", "position")
-    duplicate = F.col("reason").isNull() & (F.row_number().over(earlier) > 1)
-    return checked.withColumn("reason", F.when(duplicate, F.lit(DUPLICATE_KEY)).otherwise(F.col("reason")))
+def _raw(name: str) -> str:
+    """The column holding a declared column's value as read, next to its typed cast."""
+    return f"_raw_{name}"
 
 
 def _row_key(source: FileSource, record: Column) -> Column:
     """The row key: the typed key column(s) as text joined by '|', or a hash of the whole record."""
     if not source.key_columns:
         return F.sha2(record, 256)
-    return F.concat_ws("|", *[F.col(n).cast(source.column(n).type).cast("string") for n in source.key_columns])
+    return F.concat_ws("|", *[F.col(n).cast("string") for n in source.key_columns])
 
 
 def ingest_table(spark: SparkSession, source: FileSource, files: list[Path],
                  check: Callable[[DataFrame], DataFrame] | None = None) -> DataFrame:
-    """One row per input record: `source_file`, `id` (the key), `record`, `reason` and the other columns, typed.
-    `source_file` and `record` are kept on quarantined rows only (null on clean rows: nothing downstream reads them);
-    `check` adds the source's own reasons first (a text without a token), so its rows keep them too.
+    """One row per input record: `source_file`, `position`, `id` (the key), `record`, `reason` and the other
+    columns, typed. `check` adds the source's own reasons to rows that pass the declared checks (a text without
+    a token). Repeated keys are not marked here: `checked_table` does that over the kept rows.
 
+    `record` (what was read) is kept on quarantined rows only: clean rows go on without it (most of a narrow row's
+    bytes), so a kept copy of 10M checked rows holds what later passes read.
     Key columns other than a single declared `key` stay as typed columns too (a time series keeps its time).
     """
     raw = _read(spark, source, files)
-    record = F.coalesce(F.col(CORRUPT_RECORD), F.to_json(F.struct(*[F.col(c.name) for c in source.columns])))
-    key = _row_key(source, record)
-    checked = raw.select(
+    # Each value is cast once here; the checks below compare the casts (Spark keeps this projection apart
+    # rather than repeat a cast in every check that reads it).
+    typed = raw.select(
         F.input_file_name().alias("source_file"),
         F.monotonically_increasing_id().alias("position"),
-        key.alias("id"),
+        CORRUPT_RECORD,
+        *[F.col(c.name).alias(_raw(c.name)) for c in source.columns],
+        *[F.col(c.name).cast(c.type).alias(c.name) for c in source.columns],
+    )
+    as_read = F.to_json(F.struct(*[F.col(_raw(c.name)).alias(c.name) for c in source.columns]))
+    record = F.coalesce(F.col(CORRUPT_RECORD), as_read)
+    checked = typed.select(
+        "source_file",
+        "position",
+        _row_key(source, record).alias("id"),
         record.alias("record"),
         _row_reason(source).alias("reason"),
-        *[F.col(c.name).cast(c.type).alias(c.name) for c in source.columns if c.name != source.key],
+        *[c.name for c in source.columns if c.name != source.key],
     )
-    # Only quarantined rows keep where they came from and what was read: clean rows go on without the two
-    # strings (most of a narrow row's bytes), so the cache of 10M checked rows holds what later passes read.
-    bad = F.col("reason").isNotNull()
-    deduplicated = _mark_duplicates(checked).drop("position")
     if check is not None:
-        deduplicated = check(deduplicated)
-    return deduplicated.withColumns({c: F.when(bad, F.col(c)) for c in ("source_file", "record")})
+        checked = check(checked)
+    return checked.withColumn("record", F.when(is_quarantined(), F.col("record")))
+
+
+@contextmanager
+def checked_table(spark: SparkSession, source: FileSource, files: list[Path],
+                  check: Callable[[DataFrame], DataFrame] | None = None) -> Iterator[DataFrame]:
+    """The `ingest_table` rows with every repeated key marked, for the `with` block.
+
+    The input is read and checked once: the checked rows are kept on disk for the passes that follow (counts,
+    quarantine, split, fits, write) and released on exit. A clean row whose key an earlier clean row has (input
+    order: file, then position) gets the `DUPLICATE_KEY` reason; its record is its values as read into the
+    declared types (a key repeats on clean rows only). Keys are counted with a shuffle of the key alone; only
+    rows of repeated keys are ordered, and the few rows found are joined back (broadcast).
+    """
+    with cached(ingest_table(spark, source, files, check)) as rows:
+        clean = rows.where(is_clean())
+        with materialized(clean.groupBy("id").count().where(F.col("count") > 1).select("id")) as (keys, repeated):
+            if not repeated:
+                yield rows
+                return
+            earlier = Window.partitionBy("id").orderBy("source_file", "position")
+            candidates = clean.join(keys, "id", "left_semi").select("id", "source_file", "position")
+            ordered = candidates.withColumn("_repeat", F.row_number().over(earlier) > 1)
+            later = ordered.where("_repeat").select("id", "position", "_repeat")
+            with materialized(later) as (repeats, _):
+                yield _with_repeats_marked(rows.join(repeats, ["id", "position"], "left"), source)
+
+
+def _with_repeats_marked(rows: DataFrame, source: FileSource) -> DataFrame:
+    """Rows joined to `_repeat` (true on a later row of a repeated key) -> the same rows, repeats quarantined."""
+    repeat = F.col("_repeat").isNotNull()
+    values = [(F.col("id") if c.name == source.key else F.col(c.name)).cast("string").alias(c.name)
+              for c in source.columns]
+    return rows.withColumns({
+        "reason": F.when(repeat, F.lit(DUPLICATE_KEY)).otherwise(F.col("reason")),
+        "record": F.when(repeat, F.to_json(F.struct(*values))).otherwise(F.col("record")),
+    }).drop("_repeat")
 
 
 def is_clean() -> Column:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pyspark.sql import Column, DataFrame
+from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 from pyspark.sql.types import ArrayType
 
@@ -45,9 +45,37 @@ def fit_vocabulary(
     min_count: int = 1,
 ) -> Vocabulary:
     """Fit on `train` only: tokens seen at least `min_count` times, most frequent first (ties by token), capped."""
-    values = F.explode(column) if isinstance(train.schema[column].dataType, ArrayType) else F.col(column)
-    counts = train.select(values.alias("token")).where(F.col("token").isNotNull()).groupBy("token").count()
-    frequent = counts.where(F.col("count") >= min_count).orderBy(F.desc("count"), "token")
+    return fit_vocabularies(train, [column], reserved, oov_id, max_size, min_count)[column]
+
+
+def fit_vocabularies(
+    train: DataFrame,
+    columns: list[str],
+    reserved: tuple[str, ...],
+    oov_id: int,
+    max_size: int | None = None,
+    min_count: int = 1,
+) -> dict[str, Vocabulary]:
+    """`fit_vocabulary` of each of `columns` (strings, or arrays of strings), all counted in one pass over `train`."""
+    if not columns:
+        return {}
+    tagged = [_tagged_tokens(train, column) for column in columns]
+    tokens = train.select(F.explode(F.concat(*tagged)).alias("t")).select("t.column", "t.token")
+    counts = tokens.where(F.col("token").isNotNull()).groupBy("column", "token").count()
+    frequent = counts.where(F.col("count") >= min_count)
     if max_size is not None:
-        frequent = frequent.limit(max(max_size - len(reserved), 0))
-    return Vocabulary((*reserved, *[row["token"] for row in frequent.collect()]), oov_id)
+        rank = F.row_number().over(Window.partitionBy("column").orderBy(F.desc("count"), "token"))
+        frequent = frequent.withColumn("rank", rank).where(F.col("rank") <= max(max_size - len(reserved), 0))
+    found: dict[str, list[tuple[int, str]]] = {column: [] for column in columns}
+    for row in frequent.collect():
+        found[row["column"]].append((-row["count"], row["token"]))
+    return {column: Vocabulary((*reserved, *[token for _, token in sorted(pairs)]), oov_id)
+            for column, pairs in found.items()}
+
+
+def _tagged_tokens(train: DataFrame, column: str) -> Column:
+    """The row's tokens of `column` as an array of (column, token) structs."""
+    tag = lambda token: F.struct(F.lit(column).alias("column"), token.alias("token"))  # noqa: E731
+    if isinstance(train.schema[column].dataType, ArrayType):
+        return F.transform(F.col(column), tag)
+    return F.array(tag(F.col(column)))

@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 
 from jobs.config import NormalizeConf, SplitConf
+from pipelines import scaling
 from pipelines.scaling import fit_scaler
 from pipelines.split import hash_split, split_rows
+from pipelines.vocabulary import fit_vocabularies, fit_vocabulary
 
 VALUES = np.array([[1.0, -50.0], [2.0, 0.0], [4.0, 3.0], [8.0, 7.0], [100.0, 1.0], [3.0, 2.0], [5.0, 9.0]])
 
@@ -38,7 +40,10 @@ def lower_quantile(column: np.ndarray, q: float) -> float:
     ],
     ids=["robust", "log1p", "minmax-11", "minmax-01"],
 )
-def test_scaler_statistics_and_the_spark_and_numpy_paths_agree(train, conf, offset, scale):
+@pytest.mark.parametrize("unrolled", [True, False], ids=["per-element", "exploded"])
+def test_scaler_statistics_and_the_spark_and_numpy_paths_agree(train, conf, offset, scale, unrolled, monkeypatch):
+    if not unrolled:  # arrays wider than UNROLLED_WIDTH are scaled by a lambda over the elements
+        monkeypatch.setattr(scaling, "UNROLLED_WIDTH", 1)
     scaler = fit_scaler(train, "raw", conf, group_size=1)
     np.testing.assert_allclose(scaler.offset, offset, rtol=1e-6)
     np.testing.assert_allclose(scaler.scale, scale, rtol=1e-6)
@@ -81,3 +86,18 @@ def test_time_split_has_no_look_ahead_and_keeps_equal_times_together(spark):
     assert [len(v) // 3 for v in by_split.values()] == [69, 15, 16]
     for key, series, at in days:
         assert split[key] == split[f"s0-{(at - datetime(2020, 1, 1)).days}"]
+
+
+def test_vocabularies_of_several_columns_are_fitted_in_one_pass_like_one_at_a_time(spark):
+    rows = [("b", ["x", "y"]), ("a", ["y"]), ("b", ["z", "y", "x"]), ("c", []), (None, ["w"]), ("a", ["x"])]
+    train = spark.createDataFrame(rows, "colour string, tokens array<string>")
+
+    together = fit_vocabularies(train, ["colour", "tokens"], ("<pad>",), oov_id=0, max_size=3, min_count=1)
+
+    # most frequent first, ties by token, reserved ids first, capped at max_size ids; nulls are not tokens
+    assert together["colour"].tokens == ("<pad>", "a", "b")
+    assert together["tokens"].tokens == ("<pad>", "x", "y")  # x and y are seen 3 times each, z and w once
+    for column in ("colour", "tokens"):
+        assert fit_vocabulary(train, column, ("<pad>",), 0, max_size=3) == together[column]
+    assert fit_vocabulary(train, "tokens", ("<pad>",), 0, min_count=2).tokens == ("<pad>", "x", "y")
+    assert fit_vocabularies(train, [], ("<pad>",), 0) == {}
