@@ -15,13 +15,14 @@ from bench import etl, loader, report, scoring, training
 REPO = Path(__file__).resolve().parents[1]
 FULL = {
     "loader": ["--rows", "1000000", "--repeats", "3"],
-    "scoring": ["--rows", "200000", "--repeats", "3"],
+    "scoring": ["--cnn-rows", "200000", "2000000", "--autoencoder-rows", "1000000", "10000000", "--udf-rows",
+                "1000000", "--repeats", "2"],
     "etl": ["--rows", "1000000", "10000000", "--repeats", "3", "--big-repeats", "1"],
     "training": ["--rows", "20000", "--epochs", "2", "--repeats", "3"],
 }
 QUICK = {
     "loader": ["--rows", "4096", "--repeats", "1"],
-    "scoring": ["--rows", "2048", "--repeats", "1"],
+    "scoring": ["--cnn-rows", "2048", "--autoencoder-rows", "1024", "2048", "--udf-rows", "1024", "--repeats", "1"],
     "etl": ["--rows", "2000", "--repeats", "1", "--no-low-memory"],
     "training": ["--rows", "512", "--epochs", "1", "--repeats", "1"],
 }

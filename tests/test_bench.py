@@ -39,11 +39,19 @@ def test_loader_reads_every_row_on_every_path(quick_run):
     assert record["results"][0]["vs_raw_scan"] == 1.0
 
 
-def test_scoring_scores_every_row(quick_run):
+def test_scoring_scores_every_row_of_both_models_at_each_size(quick_run):
     record = quick_run[0]["scoring"]
-    for result in record["results"].values():
-        assert [count for _, count, _ in result["runs"]] == [2048]
-    assert record["dlpipe_vs_spark_udf"] > 0
+    sizes = {model["model"]: model["sizes"] for model in record["models"]}
+    assert [s["rows"] for s in sizes["cnn"]] == [2048] and [s["rows"] for s in sizes["autoencoder"]] == [1024, 2048]
+    for model in sizes.values():
+        for size in model:
+            for result in size["results"].values():
+                assert [count for _, count, _ in result["runs"]] == [size["rows"]]
+    small, large = sizes["autoencoder"]
+    assert len(small["results"]) == 4 and small["dlpipe_vs_spark_udf"] > 0  # spark_udf up to --udf-rows only
+    assert scoring.PATHS[3] not in large["results"] and "dlpipe_vs_spark_udf" not in large
+    limits = [sizes["cnn"][0]["results"][path]["vs_lower_limit"] for path in scoring.PATHS[:2]]
+    assert min(limits) == 1.0  # each path is reported against the slower of the two limits
 
 
 def test_etl_engines_agree_on_every_count(quick_run):
