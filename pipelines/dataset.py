@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 from datetime import datetime, timezone
+from functools import reduce
 from pathlib import Path
 from typing import Callable
 
@@ -147,14 +148,6 @@ def _row_groups(split_dir: Path) -> int:
     return sum(pq.ParquetFile(path).num_row_groups for path in split_dir.glob("*.parquet"))
 
 
-def _in_files(dataset: DataFrame, files: int) -> DataFrame:
-    """`dataset` in `files` partitions: each becomes one file per split. Merging partitions needs no shuffle, so
-    only an input with fewer partitions than `files` (a small one) is shuffled to make more."""
-    if dataset.rdd.getNumPartitions() >= files:
-        return dataset.coalesce(files)
-    return dataset.repartition(files)
-
-
 def write_dataset(
     dataset: DataFrame,
     out_dir: Path,
@@ -164,14 +157,17 @@ def write_dataset(
     world_size: int,
     describe_written: Callable[[Path], dict] | None = None,
 ) -> dict:
-    """Write `output.files_per_split` Parquet files per split (one pass: each write task writes its rows of every
-    split), manifest.json and quality.json, replacing `out_dir` atomically; returns the manifest, with the fields
-    `describe_written(written folder)` adds (e.g. baselines).
+    """Write `output.files_per_split` Parquet files per split, manifest.json and quality.json, replacing `out_dir`
+    atomically; returns the manifest, with the fields `describe_written(written folder)` adds (e.g. baselines).
 
     Raises DataError (leaving any previous dataset in place) when the train split has fewer row groups than
     `world_size`: petastorm shards row groups across ranks.
     """
-    writer = _in_files(dataset, output.files_per_split).write.option("parquet.block.size", output.row_group_bytes)
+    # Each split is spread round-robin over exactly `files_per_split` balanced files. (Cutting files from the
+    # cached partitions with `coalesce` saves these shuffles, but changes the rows' order within each file, and
+    # with it which batches the model trains on: see BENCHMARKS.md, ETL notes.)
+    per_split = [dataset.where(F.col("split") == split).repartition(output.files_per_split) for split in SPLITS]
+    writer = reduce(DataFrame.unionByName, per_split).write.option("parquet.block.size", output.row_group_bytes)
     with atomic_directory(out_dir) as staging:
         writer.partitionBy("split").parquet(str(staging))
         train_row_groups = _row_groups(staging / "split=train")
