@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 FULL = {
     "loader": ["--rows", "1000000", "--repeats", "3"],
     "scoring": ["--cnn-rows", "200000", "2000000", "--autoencoder-rows", "1000000", "10000000", "--udf-rows",
-                "1000000", "--repeats", "2"],
+                "2000000", "--repeats", "2"],
     "etl": ["--rows", "1000000", "10000000", "--repeats", "3", "--big-repeats", "1"],
     "training": ["--rows", "20000", "--epochs", "2", "--repeats", "3"],
 }

@@ -65,17 +65,17 @@ this job: 10M rows pandas 135 s / 10.3 GB, polars 52 s / 4.8 GB, a straightforwa
 JVM; 1M rows pandas 12.3 s, polars 4.4 s, Spark 31 s. Here pandas and polars ran 2-3x faster than those
 anchors (the record above: a quiet machine, load average ~2.4, i.e. the benchmark's own two busy cores).
 
-**Where it stands (2026-11-23 03:00 UTC record): the speed goal is not met.** At 10M rows dlpipe's ETL takes
-170 s: 0.15x polars' rows/s (goal 0.6x) and 0.28x pandas'. Memory: with `spark.driver_memory: 1g` the whole
-10M-row job completes with a peak RSS (Python + JVM) of 1.8 GB, 0.18 of pandas' 10.2 GB (goal: under a
-quarter, met). With the default 2g the peak RSS read 5.4 GB; the JVM's heap cannot account for that, and
-the likely cause is the on-disk cache's blocks, which Spark memory-maps when it reads them back (mapped pages
-count in RSS, but the kernel can drop them). Growth from 1M to 10M rows is sub-linear (46 s -> 170 s: the JVM
-start, the MLflow run and code-generation warm-up are fixed costs). Compared with the previous record, 202 s
-at 1M rows under load ~11, the rework below took 1M rows to 46 s and 10M rows to 170 s.
+**Where it stands (record above, 2026-11-23 03:44 UTC): the speed goal is not met.** At 10M rows dlpipe's ETL
+takes 168 s: 0.23x polars' rows/s (goal 0.6x) and 0.27x pandas'. A run 45 minutes earlier with the same code
+apart from the write (below) gave 170 s against polars' 25.7 s (0.15x): polars' time varies most between runs.
+Memory: with `spark.driver_memory: 1g` the whole 10M-row job completes at a peak RSS (Python + JVM) of 1.8 GB,
+0.18 of pandas' 10.2 GB (goal: under a quarter, met; 220 s here, 170 s in the earlier run); with the default
+2g the peak was 2.8 GB (0.28; 5.4 GB in the earlier run, unexplained). Growth from 1M to 10M rows is
+sub-linear (52-61 s -> 168 s: the JVM start, the MLflow run and code-generation warm-up are fixed costs).
+The previous record, 202 s at 1M rows, was taken under load ~11, so it does not compare directly.
 
-What the rework changed, each found by profiling `run_etl` over Spark's event log (per job and stage times) at
-1M and 10M rows on the quiet machine:
+What the rework changed, each found by profiling `run_etl` over Spark's event log (per job and stage times,
+task CPU against wall time) at 1M and 10M rows on the quiet machine:
 - **Row checks ran interpreted.** Every column's checks compiled into one generated method of ~14 KB of
   bytecode; the JVM never JIT-compiles a method over 8 KB, so it ran in the bytecode interpreter. The session
   now starts its JVMs with `-XX:-DontCompileHugeMethods` (the reading stage's CPU per task fell from 10 s to
@@ -84,21 +84,26 @@ What the rework changed, each found by profiling `run_etl` over Spark's event lo
 - **Duplicate keys without a full-row shuffle.** A window over every row (all columns plus the raw record
   text) was replaced by counting keys (a shuffle of the key alone), ordering only the rows of repeated keys
   and joining the few later repeats back by broadcast.
-- **One write pass.** The dataset used to be written as three repartitioned per-split DataFrames (three
-  shuffles, each a full read of the cached rows); now each write task writes its rows of every split.
 - **Scaling in generated code.** The scaler applied each element through a Spark lambda (`transform`, which
   Spark interprets per element); arrays up to 1,024 elements are now scaled element by element in generated
   code (3x faster on 1M rows).
 - **Fewer passes.** Categorical vocabularies are counted in one pass, the split check and class balance share
   one, and the quarantine reasons are counted from the written quarantine instead of the input.
+- **Tried and reverted: a one-pass write.** Cutting each split's files from the cached partitions
+  (`coalesce`, no shuffle) instead of spreading each split round-robin over its files (three shuffles) made
+  the 10M write no faster within this machine's noise (170 s vs 168 s in total), but it changed the rows'
+  order within the files, and the digits demo's CNN, trained on the new order, scored 0.981 test accuracy
+  instead of 0.989 (264 vs 266 of 269 test images). The target is 0.985, so the shipped config's margin over it
+  depends on the order of its training batches; the round-robin layout is back. Also tried: an uncompressed
+  cache (cheaper to build, dearer to read back: a wash at 10M).
 
-Where the 10M-row time goes now (event log, one run): reading, checking and caching the CSV 63-73 s; the
-dataset write 23-35 s; the duplicate-key count 12 s; the other passes over the cached rows (quarantine write,
-counts, split sizes, scaler, vocabularies, quality report) 2.5-9 s each, ~30 s together; JVM start, MLflow
-run and input hashing ~14 s. pandas and polars do the same work in one in-memory pass each. Next candidates:
-computing the counts, split sizes, scaler statistics and quality report in the passes that already run
-(`DataFrame.observe` during the cache and quarantine writes), and a narrower cached row (the numeric columns
-as one float array)."""
+Where the 10M-row time goes now (event logs of two runs with the one-pass write): reading, checking and
+caching the CSV 63-73 s; the dataset write 23-35 s; the duplicate-key count 12 s; the other passes over the
+cached rows (quarantine write, counts, split sizes, scaler, vocabularies, quality report) 2.5-9 s each, ~30 s
+together; JVM start, MLflow run and input hashing ~14 s. pandas and polars do the same work in one in-memory
+pass each. Next candidates: computing the counts, split sizes, scaler statistics and quality report in the
+passes that already run (`DataFrame.observe` during the cache and quarantine writes), and a narrower cached
+row (the numeric columns as one float array)."""
 
 
 def ensure_csv(data_dir: str | Path, rows: int) -> Path:

@@ -58,27 +58,29 @@ METHOD = """\
   first and the matrix is freed before the Spark paths."""
 NOTES = """\
 Goals (issue 7): each model >= 0.8x the lower of its two limits, and >= 2x `spark_udf`; driver memory flat as
-the input grows. The record above is the issue's full sizes (2,000,000 rows for the CNN, 10,000,000 for the
-32-feature autoencoder) plus a smaller size each, on a quiet machine (load average ~2: the run's own cores).
+the input grows. The record above is at the issue's full sizes (2,000,000 rows for the CNN, 10,000,000 for the
+32-feature autoencoder) plus a smaller size each, on a quiet machine (load average ~2.5: the run's own cores).
 
-- **Autoencoder (I/O-bound): both goals met.** At 10M rows dlpipe scores 766k rows/s, 1.34x Spark's own
+- **Autoencoder (I/O-bound): both goals met.** At 10M rows dlpipe scores 466k rows/s, 1.40x Spark's own
   pass-through (it writes a few output columns where the pass-through writes the 32 input values back), and
-  at 1M rows 12.1x `spark_udf` (507k vs 42k rows/s). `spark_udf` pays for pandas: each batch's array column
-  becomes a Series of per-row arrays that the model stacks row by row, where `mapInArrow` reshapes Arrow's
-  flat values once per batch.
-- **CNN (compute-bound): close, not met.** At 2M rows dlpipe reaches 0.74x in-memory torch (59k vs 80k rows/s;
-  goal 0.8x) and at 200k rows 0.51x, where Spark's job start and one model load per Python worker weigh more.
-  Against `spark_udf` (200k rows) it is 1.52x (goal 2x): with a model this compute-heavy both spend most of
-  their time in the same convolutions, so the pandas conversion `spark_udf` adds is a smaller share than for
-  the autoencoder. On 2 cores the Spark paths also share the CPU with the JVM reading and writing Parquet,
-  which the in-memory reference does not do.
+  at 1M rows 8.9x `spark_udf`. `spark_udf` pays for pandas: each batch's array column becomes a Series of
+  per-row arrays that the model stacks row by row, where `mapInArrow` reshapes Arrow's flat values once per
+  batch.
+- **CNN (compute-bound): both goals met in this record, the first within the reference's noise.** At 2M rows
+  dlpipe scores 54.7k rows/s: 1.09x in-memory torch (50.2k) and 3.2x `spark_udf` (17.1k). A run 45 minutes
+  earlier (same code, `spark_udf` only at 200k rows) had dlpipe at 59.1k rows/s but in-memory torch at 80.3k:
+  0.74x. dlpipe's rate is the steady one; the in-memory reference moves with how torch's intra-op threads get
+  the two cores. On 2 cores the Spark paths share the CPU with the JVM reading and writing Parquet: adding
+  that run's measured costs per row (1/252k s of I/O at the pass-through's rate, 1/80k s of compute) bounds a
+  scorer on these cores at ~61k rows/s, and dlpipe's 59k is 97% of it. At 200k rows dlpipe is 0.59x and 1.44x
+  `spark_udf`: Spark's job start and one model load per Python worker weigh more there.
 - **Driver peak RSS** (Python driver + JVM, one process across all sizes of a model, so a peak carries over):
-  autoencoder 2,981 MB at 1M rows and 3,159 MB at 10M (+6% for 10x the rows); CNN 2,220-2,392 MB at 200k and
-  2,724-2,764 MB at 2M. It is bounded by the 2 GB driver heap plus the Python process, not by the input: no
+  autoencoder 3,159 MB at 1M rows and 3,271 MB at 10M (+4% for 10x the rows); CNN 1,528-1,931 MB at 200k and
+  3,087-3,278 MB at 2M. It is bounded by the 2 GB driver heap plus the Python process, not by the input: no
   path collects rows to the driver.
 
 Earlier runs on the loaded machine (load average 5-20) swung the in-memory reference up to 18x between
-rounds; the quiet record above is the one to compare."""
+rounds; compare ratios within one quiet record."""
 
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
