@@ -3,7 +3,7 @@
     python -m bench.scoring [--cnn-rows N ...] [--autoencoder-rows N ...] [--udf-rows N] [--repeats 3]
 
 Side by side in one run, rows/s over the same N rows of raw features (the model's input):
-  - in-memory torch: the registered model's `predict_arrays` over one NumPy matrix (the compute limit);
+  - in-memory torch: the registered model's `predict_columns` over one NumPy matrix (the compute limit);
   - Spark pass-through: the same columns through an identity `mapInArrow`, written to Parquet (Spark's I/O limit);
   - dlpipe `score_parquet` (`mapInArrow`, model loaded once per Python worker);
   - `mlflow.pyfunc.spark_udf` on the same registered version (what users reach for today).
@@ -15,10 +15,12 @@ Spark path; several `--rows` sizes show whether it stays flat as the input grows
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import shutil
 import statistics
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -46,38 +48,40 @@ METHOD = """\
   a sqlite MLflow store through `log_and_register`: the digits CNN of `conf/digits_cnn.yaml` (64 features,
   compute-bound) and the tabular autoencoder of `conf/breast_cancer_anomaly.yaml` on 32 features (anomaly
   score + flag; I/O-bound).
-- **Paths, side by side, medians of the repeats** (the Spark paths round-robin): in-memory torch (`predict_columns` over one
-  NumPy matrix in the driver process, batches of `score.batch_size`: the compute reference); Spark pass-through
-  (the same columns through an identity `mapInArrow`, written to Parquet: Spark's I/O limit); dlpipe's
-  `score_parquet` (`mapInArrow`, model loaded once per Python worker, Arrow's flat list values reshaped to
-  [N, D] with no per-row Python); `mlflow.pyfunc.spark_udf` on the same registered version
-  (`env_manager="local"`), only up to `--udf-rows` rows (at its speed millions of rows take most of an hour).
+- **Paths, side by side, medians of the repeats** (the Spark paths round-robin): in-memory torch
+  (`predict_columns` over one NumPy matrix in a process of its own, batches of `score.batch_size`: the compute
+  reference); Spark pass-through (the same columns through an identity `mapInArrow`, written to Parquet:
+  Spark's I/O limit); dlpipe's `score_parquet` (`mapInArrow`, model loaded once per Python worker, Arrow's
+  flat list values reshaped to [N, D] with no per-row Python); `mlflow.pyfunc.spark_udf` on the same
+  registered version (`env_manager="local"`), only up to `--udf-rows` rows (at its speed millions of rows take
+  most of an hour).
   Spark: `local[*]`, `spark.driver.memory=2g`.
 - **Driver peak RSS**: this process plus the driver JVM, sampled every 50 ms, at each input size (it should
-  stay flat as the input grows). The in-memory reference holds the whole matrix in this process, so it runs
-  first and the matrix is freed before the Spark paths."""
+  stay flat as the input grows). The in-memory reference runs first, in a process of its own (its row reports
+  that process), so the whole-input matrix never sits in the driver the Spark paths are measured in."""
 NOTES = """\
 Goals (issue 7): each model >= 0.8x the lower of its two limits, and >= 2x `spark_udf`; driver memory flat as
 the input grows. The record above is at the issue's full sizes (2,000,000 rows for the CNN, 10,000,000 for the
-32-feature autoencoder) plus a smaller size each, on a quiet machine (load average ~2.5: the run's own cores).
+32-feature autoencoder) plus a smaller size each, with no other jobs on the machine (though every rate in it
+is 20-30% below a run an hour earlier: the shared host was slower).
 
-- **Autoencoder (I/O-bound): both goals met.** At 10M rows dlpipe scores 466k rows/s, 1.40x Spark's own
+- **Autoencoder (I/O-bound): both goals met.** At 10M rows dlpipe scores 543k rows/s, 1.45x Spark's own
   pass-through (it writes a few output columns where the pass-through writes the 32 input values back), and
-  at 1M rows 8.9x `spark_udf`. `spark_udf` pays for pandas: each batch's array column becomes a Series of
+  at 1M rows 12.5x `spark_udf`. `spark_udf` pays for pandas: each batch's array column becomes a Series of
   per-row arrays that the model stacks row by row, where `mapInArrow` reshapes Arrow's flat values once per
   batch.
-- **CNN (compute-bound): both goals met in this record, the first within the reference's noise.** At 2M rows
-  dlpipe scores 54.7k rows/s: 1.09x in-memory torch (50.2k) and 3.2x `spark_udf` (17.1k). A run 45 minutes
-  earlier (same code, `spark_udf` only at 200k rows) had dlpipe at 59.1k rows/s but in-memory torch at 80.3k:
-  0.74x. dlpipe's rate is the steady one; the in-memory reference moves with how torch's intra-op threads get
-  the two cores. On 2 cores the Spark paths share the CPU with the JVM reading and writing Parquet: adding
-  that run's measured costs per row (1/252k s of I/O at the pass-through's rate, 1/80k s of compute) bounds a
-  scorer on these cores at ~61k rows/s, and dlpipe's 59k is 97% of it. At 200k rows dlpipe is 0.59x and 1.44x
+- **CNN (compute-bound): both goals met at 2M rows, the first by a margin the reference's noise can erase.**
+  dlpipe scores 40.3k rows/s: 0.94x in-memory torch (43.0k) and 2.3x `spark_udf` (17.4k). Two earlier runs
+  the same evening gave 1.09x (reference 50k) and 0.74x (reference 80k): dlpipe's own rate moves less than
+  the in-memory reference, which depends on how torch's intra-op threads get the two cores. On 2 cores the
+  Spark paths also share the CPU with the JVM reading and writing Parquet: adding the measured costs per row
+  of the 0.74x run (1/252k s of I/O at the pass-through's rate, 1/80k s of compute) bounds a scorer on these
+  cores at ~61k rows/s, and dlpipe's 59k then was 97% of it. At 200k rows dlpipe is 0.65x and 1.76x
   `spark_udf`: Spark's job start and one model load per Python worker weigh more there.
-- **Driver peak RSS** (Python driver + JVM, one process across all sizes of a model, so a peak carries over):
-  autoencoder 3,159 MB at 1M rows and 3,271 MB at 10M (+4% for 10x the rows); CNN 1,528-1,931 MB at 200k and
-  3,087-3,278 MB at 2M. It is bounded by the 2 GB driver heap plus the Python process, not by the input: no
-  path collects rows to the driver.
+- **Driver peak RSS** (Python driver + JVM; the in-memory reference runs in a process of its own, so the
+  driver never holds the input): autoencoder 2,310 MB at 1M rows and 2,349 MB at 10M (+2% for 10x the rows);
+  CNN 1,652 MB at 200k and 2,290 MB at 2M, the first sizes of the run, while the JVM heap grows toward its 2 GB
+  limit. No path collects rows to the driver.
 
 Earlier runs on the loaded machine (load average 5-20) swung the in-memory reference up to 18x between
 rounds; compare ratios within one quiet record."""
@@ -172,26 +176,37 @@ def run_model(name: str, sizes: list[int], repeats: int, data_dir: Path, udf_row
     try:
         model_uri, cfg = register_model(work, bench)
         spark = spark_session(cfg.spark, "dlpipe-bench-scoring")
-        model, *_ = load_scoring_model(model_uri)
         udf = mlflow.pyfunc.spark_udf(spark, model_uri, env_manager="local")
         return {"model": name, "width": bench.width, "repeats": repeats, "sizes": [
-            _run_size(spark, model, model_uri, udf, cfg, write_input(data_dir / f"scoring-{name}-{rows}", rows,
-                                                                     bench.width), rows, repeats, work, udf_rows)
+            _run_size(spark, model_uri, udf, cfg, write_input(data_dir / f"scoring-{name}-{rows}", rows,
+                                                              bench.width), rows, repeats, work, udf_rows)
             for rows in sizes
         ]}
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _run_size(spark, model, model_uri, udf, cfg, inputs: Path, rows: int, repeats: int, work: Path,
-              udf_rows: int) -> dict:
+def _in_memory_runs(model_uri: str, tracking_uri: str, registry_uri: str, inputs: Path, rows: int,
+                    batch_size: int, repeats: int) -> list[tuple[float, int, int]]:
+    """The in-memory reference, `repeats` timed runs of `predict_columns` over the whole input as one matrix.
+
+    It runs in a process of its own: the matrix (and the allocator's hold on it after it is freed) never sits in
+    the driver whose RSS the Spark paths report."""
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(registry_uri)
+    model, *_ = load_scoring_model(model_uri)
     matrix = pq.read_table(inputs, columns=["raw_features"]).column(0).combine_chunks().flatten()
     matrix = matrix.to_numpy().reshape(rows, -1)
-    source = spark.read.parquet(str(inputs))
 
     def in_memory() -> int:
-        columns = model.predict_columns(matrix, batch_size=cfg.score.batch_size)
+        columns = model.predict_columns(matrix, batch_size=batch_size)
         return len(next(iter(columns.values())))
+
+    return [timed(in_memory) for _ in range(repeats)]
+
+
+def _run_size(spark, model_uri, udf, cfg, inputs: Path, rows: int, repeats: int, work: Path, udf_rows: int) -> dict:
+    source = spark.read.parquet(str(inputs))
 
     def pass_through() -> int:
         out = work / "passthrough"
@@ -212,11 +227,11 @@ def _run_size(spark, model, model_uri, udf, cfg, inputs: Path, rows: int, repeat
     spark_paths = dict(zip(PATHS[1:], (pass_through, dlpipe_scorer, mlflow_spark_udf)))
     if rows > udf_rows:  # at ~10-20k rows/s, spark_udf over millions of rows would take most of an hour
         del spark_paths[PATHS[3]]
-    # The in-memory reference runs first and its matrix is freed before the Spark paths, whose driver RSS must
-    # not include it; the Spark paths run round-robin.
-    samples = {PATHS[0]: [timed(in_memory) for _ in range(repeats)]}
-    del matrix
-    samples |= {name: [] for name in spark_paths}
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as child:
+        reference = child.submit(_in_memory_runs, model_uri, mlflow.get_tracking_uri(), mlflow.get_registry_uri(),
+                                 inputs, rows, cfg.score.batch_size, repeats)
+        samples = {PATHS[0]: reference.result()}
+    samples |= {name: [] for name in spark_paths}  # the Spark paths run round-robin
     for _ in range(repeats):
         for name, path in spark_paths.items():
             samples[name].append(timed(path))
