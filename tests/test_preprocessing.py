@@ -9,7 +9,8 @@ import pytest
 from jobs.config import NormalizeConf, SplitConf
 from pipelines import scaling
 from pipelines.scaling import fit_scaler
-from pipelines.split import hash_split, split_rows
+from pipelines.errors import DataError
+from pipelines.split import check_split_sizes, hash_split, split_rows
 from pipelines.vocabulary import fit_vocabularies, fit_vocabulary
 
 VALUES = np.array([[1.0, -50.0], [2.0, 0.0], [4.0, 3.0], [8.0, 7.0], [100.0, 1.0], [3.0, 2.0], [5.0, 9.0]])
@@ -101,3 +102,13 @@ def test_vocabularies_of_several_columns_are_fitted_in_one_pass_like_one_at_a_ti
         assert fit_vocabulary(train, column, ("<pad>",), 0, max_size=3) == together[column]
     assert fit_vocabulary(train, "tokens", ("<pad>",), 0, min_count=2).tokens == ("<pad>", "x", "y")
     assert fit_vocabularies(train, [], ("<pad>",), 0) == {}
+
+
+def test_split_sizes_must_add_up_and_leave_no_split_empty():
+    conf = SplitConf(method="hash", seed=1)
+    check_split_sizes({"train": 7, "val": 2, "test": 1}, conf, total=10)
+    with pytest.raises(DataError, match=r"split counts .* do not add up to the 11 rows split"):
+        check_split_sizes({"train": 7, "val": 2, "test": 1}, conf, total=11)
+    with pytest.raises(DataError, match=r"^split 'val', 'test' are empty: 3 clean rows with ratios 0.7/0.15/0.15 "
+                                        r"\(train 3, val 0, test 0\); add rows or change split ratios$"):
+        check_split_sizes({"train": 3}, conf)
