@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pyspark.sql import Column, DataFrame, SparkSession
+from pyspark.sql import Column, DataFrame, Observation, SparkSession
 from pyspark.sql import functions as F
 
 from jobs.config import PipelineConfig
@@ -32,7 +32,7 @@ from pipelines.dataset import (
 )
 from pipelines.errors import DataError
 from pipelines.quality import quality_report
-from pipelines.quarantine import count_rows, quarantine_rows
+from pipelines.quarantine import quarantine_rows, row_counts
 from pipelines.drift import fit_reference
 from pipelines.scaling import fit_scaler
 from pipelines.spark import spark_session
@@ -184,9 +184,13 @@ def _text_etl(spark: SparkSession, cfg: PipelineConfig) -> dict:
 
 
 def _quarantine(checked: DataFrame, is_clean: Column, cfg: PipelineConfig) -> tuple[dict[str, int], dict[str, int]]:
-    """Write the quarantine, reconcile the counts and enforce `max_bad_fraction`: (counts, reason -> rows)."""
-    write_quarantine(quarantine_rows(checked), cfg.quarantine_dir)
-    counts = count_rows(checked, is_clean)
+    """Write the quarantine, reconcile the counts and enforce `max_bad_fraction`: (counts, reason -> rows).
+
+    The rows are counted by the pass that writes the quarantine (it reads every checked row anyway).
+    """
+    counted = Observation("rows")
+    write_quarantine(quarantine_rows(checked.observe(counted, *row_counts(is_clean))), cfg.quarantine_dir)
+    counts = counted.get
     check_counts(counts, cfg.source.max_bad_fraction, cfg.quarantine_dir)
     return counts, quarantine_reasons(cfg.quarantine_dir, checked.sparkSession)
 

@@ -15,11 +15,10 @@ def quarantine_rows(checked: DataFrame) -> DataFrame:
     return checked.where(is_quarantined()).select("source_file", "record", "reason")
 
 
-def count_rows(checked: DataFrame, is_clean: Column) -> dict[str, int]:
-    """`rows_in`, `rows_clean`, `rows_quarantined` in one pass; each is counted on its own, so they can disagree."""
-    totals = checked.agg(
+def row_counts(is_clean: Column) -> list[Column]:
+    """`rows_in`, `rows_clean`, `rows_quarantined` as aggregates; each is counted on its own, so they can disagree."""
+    return [
         F.count(F.lit(1)).alias("rows_in"),
         F.count_if(is_clean).alias("rows_clean"),
         F.count_if(is_quarantined()).alias("rows_quarantined"),
-    ).first()
-    return totals.asDict()
+    ]

@@ -115,18 +115,15 @@ def fit_scaler(
     them group g is `<column>[g]` (channel g, or element g with `per: feature`).
     """
     group_size = 1 if conf.per == "feature" else group_size
-    exploded = train.select(F.posexplode(column).alias("pos", "value"))
-    by_group = exploded.groupBy(F.floor(F.col("pos") / group_size).cast("int").alias("group"))
-    offset, spread = _statistics(F.col("value"), conf)
-    rows = sorted(by_group.agg(offset.alias("offset"), spread.alias("spread")).collect(), key=lambda r: r["group"])
+    rows = _group_statistics(train, column, conf, group_size, len(names) if names is not None else None)
     if not rows:  # one row per statistic group: tiny
         raise ValueError(f"cannot fit a scaler on column '{column}': the train split is empty")
-    names = list(names) if names is not None else [f"{column}[{r['group']}]" for r in rows]
+    names = list(names) if names is not None else [f"{column}[{g}]" for g in range(len(rows))]
     if len(names) != len(rows):
         raise ValueError(f"{len(names)} names for the {len(rows)} statistic groups of column '{column}'")
     # A zero spread (a constant group; Spark's aggregates give exactly 0 for equal values) would divide by zero:
     # scale by 1 instead, so the train value maps to 0 and val/test values stay finite (no NaN/Inf).
-    spread_ok = [r["spread"] is not None and r["spread"] > 0 for r in rows]
+    spread_ok = [spread is not None and spread > 0 for _, spread in rows]
     zero_spread = tuple(name for name, ok in zip(names, spread_ok) if not ok)
     if zero_spread:
         log.warning(
@@ -134,6 +131,26 @@ def fit_scaler(
             "scaler.zero_spread)",
             conf.method, SPREAD_NAMES[conf.method], ", ".join(repr(name) for name in zero_spread),
         )
-    scale = tuple(float(r["spread"]) if ok else 1.0 for r, ok in zip(rows, spread_ok))
-    offset = tuple(float(r["offset"]) for r in rows)
+    scale = tuple(float(spread) if ok else 1.0 for (_, spread), ok in zip(rows, spread_ok))
+    offset = tuple(float(offset) for offset, _ in rows)
     return FittedScaler(conf.method, conf.per, group_size, offset, scale, zero_spread)
+
+
+def _group_statistics(
+    train: DataFrame, column: str, conf: NormalizeConf, group_size: int, width: int | None
+) -> list[tuple[float | None, float | None]]:
+    """(offset, spread) of each statistic group, in group order; empty when `train` has no rows.
+
+    One element per group and a known `width` (a table's numeric columns): every element aggregated in place, in one
+    pass. Otherwise the arrays are exploded into (position, value) rows and grouped (an image's channels).
+    """
+    if group_size == 1 and width is not None:
+        statistics = [_statistics(F.col(column)[i], conf) for i in range(width)]
+        aggregates = [a.alias(f"{name}{i}") for i, pair in enumerate(statistics) for name, a in zip("os", pair)]
+        found = train.agg(F.count(F.lit(1)).alias("rows"), *aggregates).first()
+        return [(found[f"o{i}"], found[f"s{i}"]) for i in range(width)] if found["rows"] else []
+    exploded = train.select(F.posexplode(column).alias("pos", "value"))
+    by_group = exploded.groupBy(F.floor(F.col("pos") / group_size).cast("int").alias("group"))
+    offset, spread = _statistics(F.col("value"), conf)
+    found = by_group.agg(offset.alias("offset"), spread.alias("spread")).collect()
+    return [(row["offset"], row["spread"]) for row in sorted(found, key=lambda r: r["group"])]

@@ -4,13 +4,17 @@ from __future__ import annotations
 import os
 import sys
 
+from contextlib import contextmanager
+from typing import Iterator
+
 from pyspark.sql import SparkSession
 
 from jobs.config import SparkConf
 
-# The JVM does not JIT-compile a method over 8000 bytes of bytecode; the code Spark generates to check a wide
-# table's rows (every column's checks in one method) is bigger, and ran interpreted, at about half the speed.
+# The JVM does not JIT-compile a method over 8000 bytes of bytecode unless told to (below); a much bigger one it
+# cannot compile at all, and a big compiled one it optimizes poorly.
 JIT_HUGE_METHODS = "-XX:-DontCompileHugeMethods"
+HUGE_METHOD_LIMIT = "spark.sql.codegen.hugeMethodLimit"
 
 
 def spark_session(conf: SparkConf, app_name: str) -> SparkSession:
@@ -25,6 +29,9 @@ def spark_session(conf: SparkConf, app_name: str) -> SparkSession:
         .config("spark.sql.execution.arrow.pyspark.enabled", "true")
         .config("spark.ui.showConsoleProgress", "false")
         .config("spark.sql.session.timeZone", "UTC")
+        # Kept DataFrames (pipelines/caching.py) live on local disk: encoding them column by column cost more to
+        # build (a dictionary of every value of every column, batch after batch) than it saved to read back.
+        .config("spark.sql.inMemoryColumnarStorage.compressed", "false")
         .config("spark.driver.extraJavaOptions", JIT_HUGE_METHODS)  # only where this process starts the JVM
         .config("spark.executor.extraJavaOptions", JIT_HUGE_METHODS)
     )
@@ -33,3 +40,20 @@ def spark_session(conf: SparkConf, app_name: str) -> SparkSession:
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("ERROR")
     return spark
+
+
+@contextmanager
+def small_generated_methods(spark: SparkSession) -> Iterator[None]:
+    """Within the block, a query part whose generated code would be one method over 8000 bytes runs as one smaller
+    generated method per operator instead (the setting Spark's configuration guide recommends for HotSpot).
+
+    For the wide-table checks: as one method they took 42 KB of bytecode, which the JVM ran in its interpreter
+    (3x slower). Not the session default: a scaler's or a writer's big method ran faster compiled whole.
+    Set it while a DataFrame is both kept (`persist` plans it, in a copy of the session's settings) and first run.
+    """
+    before = spark.conf.get(HUGE_METHOD_LIMIT)
+    spark.conf.set(HUGE_METHOD_LIMIT, "8000")
+    try:
+        yield
+    finally:
+        spark.conf.set(HUGE_METHOD_LIMIT, before)

@@ -2,30 +2,37 @@
 
 Shared by every file source with declared columns (tables, time series, text).
 
-CSV and JSON are read with every declared column as text (Spark's PERMISSIVE mode keeps lines it cannot
-parse in `_corrupt_record`), then cast here, so a bad value gets a reason naming its column and problem.
+CSV numbers (float, double) and strings are parsed by Spark's CSV reader; other columns, and every JSON value, are
+read as text and cast here. Spark's PERMISSIVE mode keeps a line it cannot parse in `_corrupt_record`; such a CSV
+line is split again as text, so a bad value gets a reason naming its column and problem either way.
 Reasons name the column and the kind of problem, never the value (the value is in `record`), so they group.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
 from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
-from pyspark.sql.types import StringType, StructField, StructType
+from pyspark.sql.types import DoubleType, FloatType, StringType, StructField, StructType
 
 from jobs.config import ColumnSpec, TableSource, TextSource, TimeSeriesSource
 from pipelines.caching import cached, materialized
 from pipelines.errors import DataError
 from pipelines.quarantine import is_quarantined
+from pipelines.spark import small_generated_methods
 
 CORRUPT_RECORD = "_corrupt_record"
 NUMERIC_TYPES = ("int", "long", "float", "double")
 DUPLICATE_KEY = "duplicate key: an earlier row has the same key (first kept)"
 _INTEGER_TEXT = r"^\s*[+-]?\d+\s*$"  # Spark's cast truncates "1.5" to 1; an int column must hold an integer
 _BLANK_LINE = r"^[\x00-\x20]*$"  # what Java's String.trim() removes: CSV skips such lines
+# CSV columns of these types are parsed by the reader itself: a third of the cost of reading them as text and
+# casting (BENCHMARKS.md, ETL notes). Integers stay text, checked against _INTEGER_TEXT: Java's integer parsing
+# would also accept non-ASCII digits.
+_PARSED_BY_CSV_READER = {"float": FloatType(), "double": DoubleType(), "string": StringType()}
+_REREAD = "_reread"  # a CSV line the reader flagged, split again with every column as text
 
 
 def source_files(path: Path) -> list[Path]:
@@ -49,6 +56,22 @@ def malformed_reason(kind: str, columns: int) -> str:
 FileSource = TableSource | TimeSeriesSource | TextSource
 
 
+def _parsed_by_reader(source: FileSource) -> set[str]:
+    """The declared columns the reader returns in their declared type (the others are read as text and cast)."""
+    if source.file_format != "csv":
+        return set()
+    return {c.name for c in source.columns if c.type in _PARSED_BY_CSV_READER}
+
+
+def _as_text(source: FileSource) -> StructType:
+    """Every declared column as text, and the corrupt-record column."""
+    return StructType([StructField(c.name, StringType()) for c in source.columns]).add(CORRUPT_RECORD, StringType())
+
+
+def _ddl(schema: StructType) -> str:
+    return ", ".join(f"`{f.name.replace('`', '``')}` {f.dataType.simpleString()}" for f in schema)
+
+
 def _read(spark: SparkSession, source: FileSource, files: list[Path]) -> DataFrame:
     paths = [str(f) for f in files]
     if source.file_format == "parquet":
@@ -57,13 +80,18 @@ def _read(spark: SparkSession, source: FileSource, files: list[Path]) -> DataFra
         if missing:
             raise DataError(f"Parquet source {source.path} lacks the declared column(s) {', '.join(missing)}")
         return df.withColumn(CORRUPT_RECORD, F.lit(None).cast("string"))
-    text = StructType([StructField(c.name, StringType()) for c in source.columns])
-    reader = spark.read.schema(text.add(CORRUPT_RECORD, StringType())).options(
-        mode="PERMISSIVE", columnNameOfCorruptRecord=CORRUPT_RECORD
-    )
-    if source.file_format == "csv":
-        return reader.csv(paths, header=source.header, sep=source.delimiter, enforceSchema=False)
-    return _read_json_lines(spark, text, paths)
+    if source.file_format == "json":
+        return _read_json_lines(spark, _as_text(source), paths)
+    parsed = _parsed_by_reader(source)
+    schema = StructType([StructField(c.name, _PARSED_BY_CSV_READER[c.type] if c.name in parsed else StringType())
+                         for c in source.columns]).add(CORRUPT_RECORD, StringType())
+    reader = spark.read.schema(schema).options(mode="PERMISSIVE", columnNameOfCorruptRecord=CORRUPT_RECORD)
+    rows = reader.csv(paths, header=source.header, sep=source.delimiter, enforceSchema=False)
+    # The reader flags a line it cannot split into the declared columns, or whose value it cannot parse; such a
+    # line (rare) is split again as text, to tell the two apart and check its values one by one.
+    options = {"mode": "PERMISSIVE", "columnNameOfCorruptRecord": CORRUPT_RECORD, "sep": source.delimiter}
+    flagged = F.col(CORRUPT_RECORD)
+    return rows.withColumn(_REREAD, F.when(flagged.isNotNull(), F.from_csv(flagged, _ddl(_as_text(source)), options)))
 
 
 def _read_json_lines(spark: SparkSession, text: StructType, paths: list[str]) -> DataFrame:
@@ -83,7 +111,8 @@ def _read_json_lines(spark: SparkSession, text: StructType, paths: list[str]) ->
 def _value_problem(spec: ColumnSpec, raw: Column, typed: Column, required: bool) -> Column:
     """Why this column's value keeps its row out (null when it is fine); the first problem found wins.
 
-    `raw` is the value as read, `typed` its cast to the declared type (computed once, in an earlier projection).
+    `raw` is the value as read (text, or already in its type when the reader parsed it), `typed` the value in the
+    declared type (computed once, in an earlier projection).
     """
     where = f"column '{spec.name}'"
     problem = F.when(raw.isNull(), F.lit(f"{where}: missing required value") if required else F.lit(None))
@@ -103,17 +132,54 @@ def _value_problem(spec: ColumnSpec, raw: Column, typed: Column, required: bool)
     return problem
 
 
-def _row_reason(source: FileSource) -> Column:
-    """The row's reason over the `_raw_<name>` and typed `<name>` columns: the reasons of its columns joined by '; '.
+def _joined(problems: list[Column]) -> Column:
+    """The problems found joined by '; ', or null: the text is built only for a row with a problem."""
+    return F.when(F.coalesce(*problems).isNotNull(), F.concat_ws("; ", *problems))
 
-    The joined text is built only for a row with a problem: on clean rows (nearly all) the checks run once and
-    no string is made.
+
+def _row_reason(source: FileSource) -> Column:
+    """The row's reason: malformed, or the reasons of its columns joined by '; ' (null for a clean row).
+
+    Reads the `_raw_<name>` and typed `<name>` columns; a CSV line the reader flagged is checked on its
+    re-split text instead.
     """
     required = lambda c: not c.nullable or c.name in source.key_columns  # noqa: E731
-    problems = [_value_problem(c, F.col(_raw(c.name)), F.col(c.name), required(c)) for c in source.columns]
     malformed = F.lit(malformed_reason(source.file_format, len(source.columns)))
-    return (F.when(F.col(CORRUPT_RECORD).isNotNull(), malformed)
-            .when(F.coalesce(*problems).isNotNull(), F.concat_ws("; ", *problems)))
+    as_read = _joined([_value_problem(c, F.col(_raw(c.name)), F.col(c.name), required(c)) for c in source.columns])
+    flagged = F.col(CORRUPT_RECORD).isNotNull()
+    if source.file_format != "csv":
+        return F.when(flagged, malformed).otherwise(as_read)
+    reread = F.col(_REREAD)
+    as_text = _joined([_value_problem(c, reread[c.name], reread[c.name].cast(c.type), required(c))
+                       for c in source.columns])
+    # A flagged line always has a reason: the reader could not read it into the declared types.
+    return (F.when(~flagged, as_read)
+            .when(reread[CORRUPT_RECORD].isNotNull(), malformed)
+            .otherwise(F.coalesce(as_text, malformed)))
+
+
+def _record(source: FileSource) -> Column:
+    """What was read, for a quarantined row: a malformed line as it is, otherwise its values as JSON text."""
+    parsed = _parsed_by_reader(source)
+    values = [(F.col(_raw(c.name)).cast("string") if c.name in parsed else F.col(_raw(c.name))).alias(c.name)
+              for c in source.columns]
+    as_read = F.to_json(F.struct(*values))
+    if source.file_format != "csv":
+        return F.coalesce(F.col(CORRUPT_RECORD), as_read)
+    reread = F.col(_REREAD)
+    as_text = F.to_json(F.struct(*[reread[c.name].alias(c.name) for c in source.columns]))
+    return (F.when(F.col(CORRUPT_RECORD).isNull(), as_read)
+            .when(reread[CORRUPT_RECORD].isNull(), as_text)
+            .otherwise(F.col(CORRUPT_RECORD)))
+
+
+def _typed(spec: ColumnSpec, parsed: set[str]) -> Column:
+    """A declared column in its type: as the reader parsed it, or cast from text.
+
+    On a CSV line the reader flagged, a value it could not parse is null here; such a line is always quarantined
+    (`_row_reason`), so its typed values go nowhere.
+    """
+    return F.col(spec.name) if spec.name in parsed else F.col(spec.name).cast(spec.type)
 
 
 def _raw(name: str) -> str:
@@ -134,33 +200,36 @@ def ingest_table(spark: SparkSession, source: FileSource, files: list[Path],
     columns, typed. `check` adds the source's own reasons to rows that pass the declared checks (a text without
     a token). Repeated keys are not marked here: `checked_table` does that over the kept rows.
 
-    `record` (what was read) is kept on quarantined rows only: clean rows go on without it (most of a narrow row's
+    `record` (what was read) is made for quarantined rows only: clean rows go on without it (most of a narrow row's
     bytes), so a kept copy of 10M checked rows holds what later passes read.
     Key columns other than a single declared `key` stay as typed columns too (a time series keeps its time).
     """
     raw = _read(spark, source, files)
+    parsed = _parsed_by_reader(source)
     # Each value is cast once here; the checks below compare the casts (Spark keeps this projection apart
     # rather than repeat a cast in every check that reads it).
     typed = raw.select(
         F.input_file_name().alias("source_file"),
         F.monotonically_increasing_id().alias("position"),
         CORRUPT_RECORD,
+        *([_REREAD] if source.file_format == "csv" else []),
         *[F.col(c.name).alias(_raw(c.name)) for c in source.columns],
-        *[F.col(c.name).cast(c.type).alias(c.name) for c in source.columns],
+        *[_typed(c, parsed).alias(c.name) for c in source.columns],
     )
-    as_read = F.to_json(F.struct(*[F.col(_raw(c.name)).alias(c.name) for c in source.columns]))
-    record = F.coalesce(F.col(CORRUPT_RECORD), as_read)
+    helpers = [c for c in typed.columns if c in (CORRUPT_RECORD, _REREAD) or c.startswith("_raw_")]
     checked = typed.select(
         "source_file",
         "position",
-        _row_key(source, record).alias("id"),
-        record.alias("record"),
+        _row_key(source, _record(source)).alias("id"),
         _row_reason(source).alias("reason"),
         *[c.name for c in source.columns if c.name != source.key],
+        *helpers,
     )
     if check is not None:
         checked = check(checked)
-    return checked.withColumn("record", F.when(is_quarantined(), F.col("record")))
+    record = F.when(is_quarantined(), _record(source)).alias("record")  # built only for a quarantined row
+    rest = [c for c in checked.columns if c not in ("source_file", "position", "id", *helpers)]
+    return checked.select("source_file", "position", "id", record, *rest)
 
 
 @contextmanager
@@ -174,18 +243,21 @@ def checked_table(spark: SparkSession, source: FileSource, files: list[Path],
     declared types (a key repeats on clean rows only). Keys are counted with a shuffle of the key alone; only
     rows of repeated keys are ordered, and the few rows found are joined back (broadcast).
     """
-    with cached(ingest_table(spark, source, files, check)) as rows:
-        clean = rows.where(is_clean())
-        with materialized(clean.groupBy("id").count().where(F.col("count") > 1).select("id")) as (keys, repeated):
-            if not repeated:
-                yield rows
-                return
-            earlier = Window.partitionBy("id").orderBy("source_file", "position")
-            candidates = clean.join(keys, "id", "left_semi").select("id", "source_file", "position")
-            ordered = candidates.withColumn("_repeat", F.row_number().over(earlier) > 1)
-            later = ordered.where("_repeat").select("id", "position", "_repeat")
-            with materialized(later) as (repeats, _):
-                yield _with_repeats_marked(rows.join(repeats, ["id", "position"], "left"), source)
+    with ExitStack() as kept:
+        with small_generated_methods(spark):  # planned now, run by the first pass over `rows` (the key count)
+            rows = kept.enter_context(cached(ingest_table(spark, source, files, check)))
+            clean = rows.where(is_clean())
+            keys, repeated = kept.enter_context(
+                materialized(clean.groupBy("id").count().where(F.col("count") > 1).select("id")))
+        if not repeated:
+            yield rows
+            return
+        earlier = Window.partitionBy("id").orderBy("source_file", "position")
+        candidates = clean.join(keys, "id", "left_semi").select("id", "source_file", "position")
+        ordered = candidates.withColumn("_repeat", F.row_number().over(earlier) > 1)
+        later = ordered.where("_repeat").select("id", "position", "_repeat")
+        with materialized(later) as (repeats, _):
+            yield _with_repeats_marked(rows.join(repeats, ["id", "position"], "left"), source)
 
 
 def _with_repeats_marked(rows: DataFrame, source: FileSource) -> DataFrame:

@@ -13,6 +13,7 @@ from jobs.config import PipelineConfig, validate_config
 from jobs.etl import UNKNOWN_CATEGORY, run_etl
 from pipelines.errors import DataError
 from pipelines.scaling import FittedScaler
+from pipelines.spark import HUGE_METHOD_LIMIT, small_generated_methods
 from pipelines.tables import DUPLICATE_KEY, ingest_table, malformed_reason, source_files
 
 COLUMNS = [
@@ -108,8 +109,13 @@ def test_every_bad_record_kind_is_quarantined_with_its_reason_and_counts_reconci
     assert all(row["source_file"].endswith("part-1.csv") for row in quarantine)
     by_reason = {row["reason"]: row["record"] for row in quarantine}
     assert by_reason[malformed_reason("csv", 6)] in {"41,1.0,2.0,red", '42,5,1,red,"square,a'}
+    # the CSV reader parses the numbers of a line it can read: the record shows them as parsed
     assert json.loads(by_reason["column 'x': above the maximum 100"]) == {
-        "id": "44", "x": "150", "y": "1", "color": "red", "shape": "square", "label": "a",
+        "id": "44", "x": "150.0", "y": "1.0", "color": "red", "shape": "square", "label": "a",
+    }
+    # a value it cannot parse shows as written, with the rest of its line
+    assert json.loads(by_reason["column 'x': not a valid double"]) == {
+        "id": "43", "x": "abc", "y": "1", "color": "red", "shape": "square", "label": "a",
     }
     assert json.loads(by_reason[DUPLICATE_KEY])["id"] == "3"
 
@@ -215,3 +221,12 @@ def test_too_many_bad_rows_fail_with_the_fraction(spark, tmp_path):
     with pytest.raises(DataError, match=r"quarantined fraction 0\.2500 \(2 of 8 rows\)"):
         run_etl(cfg)
     assert pq.read_table(cfg.quarantine_dir).num_rows == 2
+
+
+def test_small_generated_methods_hold_only_inside_their_block(spark):
+    before = spark.conf.get(HUGE_METHOD_LIMIT)
+    with pytest.raises(RuntimeError, match="inside"):
+        with small_generated_methods(spark):
+            assert spark.conf.get(HUGE_METHOD_LIMIT) == "8000"
+            raise RuntimeError("inside")
+    assert spark.conf.get(HUGE_METHOD_LIMIT) == before

@@ -42,10 +42,13 @@ def lower_quantile(column: np.ndarray, q: float) -> float:
     ids=["robust", "log1p", "minmax-11", "minmax-01"],
 )
 @pytest.mark.parametrize("unrolled", [True, False], ids=["per-element", "exploded"])
-def test_scaler_statistics_and_the_spark_and_numpy_paths_agree(train, conf, offset, scale, unrolled, monkeypatch):
+@pytest.mark.parametrize("names", [["a", "b"], None], ids=["fit-in-place", "fit-exploded"])
+def test_scaler_statistics_and_the_spark_and_numpy_paths_agree(train, conf, offset, scale, unrolled, names,
+                                                               monkeypatch):
     if not unrolled:  # arrays wider than UNROLLED_WIDTH are scaled by a lambda over the elements
         monkeypatch.setattr(scaling, "UNROLLED_WIDTH", 1)
-    scaler = fit_scaler(train, "raw", conf, group_size=1)
+    # with the elements named, each is aggregated in place; without, the arrays are exploded and grouped
+    scaler = fit_scaler(train, "raw", conf, group_size=1, names=names)
     np.testing.assert_allclose(scaler.offset, offset, rtol=1e-6)
     np.testing.assert_allclose(scaler.scale, scale, rtol=1e-6)
 

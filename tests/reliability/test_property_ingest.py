@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from jobs.config import TableSource
-from pipelines.quarantine import count_rows
+from pipelines.quarantine import row_counts
 from pipelines.tables import ingest_table, is_clean
 
 COLUMNS = [
@@ -119,7 +119,7 @@ def _ingest(spark, fmt: str, generated: list[tuple[bytes, str | None]]) -> tuple
     source = TableSource.model_validate({"kind": fmt, "path": str(path), "columns": COLUMNS, "max_bad_fraction": 1.0})
     checked = ingest_table(spark, source, [path]).persist()
     try:
-        return checked.select("tag", "record", "reason").collect(), count_rows(checked, is_clean())
+        return checked.select("tag", "record", "reason").collect(), checked.agg(*row_counts(is_clean())).first().asDict()
     finally:
         checked.unpersist()
 
