@@ -78,14 +78,20 @@ class Sampler:
 
 
 class PeakRss(Sampler):
-    """Peak summed RSS of process `pid` (default: this one) and its children (all descendants when `recursive`)."""
+    """Peak summed RSS of process `pid` (default: this one) and its children (all descendants when `recursive`).
 
-    def __init__(self, pid: int | None = None, recursive: bool = True):
+    With `proportional`, the summed PSS instead: a page shared by several processes counts once. A process tree's
+    RSS counts shared pages once per process, e.g. a JVM caught between fork and exec (Hadoop's local file system
+    starts `chmod` and the like) shows the whole JVM twice.
+    """
+
+    def __init__(self, pid: int | None = None, recursive: bool = True, proportional: bool = False):
         import psutil
 
         self._error = psutil.Error
         self.process = psutil.Process(pid)
         self.recursive = recursive
+        self.proportional = proportional
         self.peak = 0
 
     def sample(self) -> None:
@@ -96,7 +102,7 @@ class PeakRss(Sampler):
             return
         for proc in procs:
             try:
-                total += proc.memory_info().rss
+                total += proc.memory_full_info().pss if self.proportional else proc.memory_info().rss
             except self._error:
                 pass
         self.peak = max(self.peak, total)

@@ -5,7 +5,7 @@
 The job: check every row (numbers finite and present, categories allowed, keys unique), quarantine the bad ones
 with a reason, split by a hash of the key (70/15/15), fit a z-score on train only and apply it everywhere, index
 the two categorical columns with train-only vocabularies, write Parquet (features as list<float>, per split).
-Each engine runs in a fresh process; seconds are timed inside it, peak RSS is sampled from outside over the
+Each engine runs in a fresh process; seconds are timed inside it, peak memory is sampled from outside over the
 process and all its descendants (for Spark: the Python driver and the JVM).
 """
 from __future__ import annotations
@@ -37,7 +37,8 @@ SPLIT = {"train": 0.70, "val": 0.15, "test": 0.15}
 HASH_BUCKETS = 10_000
 SEED = 42
 CHUNK = 1_000_000
-ENGINES = ("dlpipe-spark", "pandas", "polars")
+ENGINES = ("dlpipe-spark", "pandas", "polars")  # the job, three ways
+FLOOR = "spark-read-write"  # not the job: the floor under any Spark version of it (run_spark_floor)
 TITLE = "ETL: CSV -> checked, split, normalized Parquet (dlpipe's Spark ETL vs pandas and polars)"
 METHOD = f"""\
 - **Data**: a generated CSV (one file) of N rows: `id` (long key), 20 numeric columns (3 decimals), 2 categorical
@@ -50,60 +51,77 @@ METHOD = f"""\
   checks, quarantine Parquet with a reason, a hash split of the key 70/15/15, train-only z-score and vocabularies,
   one Parquet file per split with `features` as list<float>). The pandas/polars versions read the whole CSV into
   memory at once, as a first version would.
+- **The floor** (`spark-read-write`, not the job): Spark reading the same CSV with its declared types and writing
+  it back as Parquet, in the session dlpipe's run gets, with no checks, quarantine, split, statistics or features.
+  Any Spark version of the job takes at least this long: it must read and parse the CSV and write every row.
 - **Timing**: each run is a fresh process; seconds are measured inside it from the start of the job (the Spark
   session start included) to the last file written. Small sizes take the median of the repeats, run round-robin;
   10M rows run once per engine (pandas alone needs minutes and ~10 GB of the shared machine's memory).
-- **Peak RSS**: sampled every 50 ms over the process and all its descendants (Spark: the Python driver plus the
-  driver JVM, which runs the executors in `local` mode). (The kernel's `ru_maxrss` is no help here: a child
-  started from a big parent inherits the parent's peak across fork and exec.)
+- **Peak memory**: the summed PSS (proportional set size: a page shared by several processes counts once),
+  sampled every 50 ms over the process and all its descendants (Spark: the Python driver plus the driver JVM,
+  which runs the executors in `local` mode). Not the summed RSS: Hadoop's local file system starts small commands
+  (e.g. `chmod` on each output file) from the JVM, and a JVM caught between fork and exec counts the whole JVM
+  twice in RSS (that is how the previous records showed dlpipe at 4.9 and 5.4 GB). (The kernel's `ru_maxrss` is
+  no help either: a child started from a big parent inherits the parent's peak across fork and exec.)
 - **1 GB driver**: at the largest size dlpipe's ETL runs once more with `spark.driver_memory: 1g` (the reliability
   issue's load bullet); the table says whether it completed."""
 NOTES = """\
 Goal (issue 3): at 10M rows dlpipe's Spark ETL >= 0.6x polars' rows/s with under a quarter of pandas' peak
 memory, and Spark's seconds growing linearly from 1M to 10M rows. The spec's anchors for a naive version of
 this job: 10M rows pandas 135 s / 10.3 GB, polars 52 s / 4.8 GB, a straightforward Spark job 113 s / 1.3 GB
-JVM; 1M rows pandas 12.3 s, polars 4.4 s, Spark 31 s. Here pandas and polars ran 2-3x faster than those
-anchors (the record above: a quiet machine, load average ~2.4, i.e. the benchmark's own two busy cores).
+JVM; 1M rows pandas 12.3 s, polars 4.4 s, Spark 31 s.
 
-**Where it stands (record above, 2026-11-23 03:44 UTC): the speed goal is not met.** At 10M rows dlpipe's ETL
-takes 168 s: 0.23x polars' rows/s (goal 0.6x) and 0.27x pandas'. A run 45 minutes earlier with the same code
-apart from the write (below) gave 170 s against polars' 25.7 s (0.15x): polars' time varies most between runs.
-Memory: with `spark.driver_memory: 1g` the whole 10M-row job completes at a peak RSS (Python + JVM) of 1.8 GB,
-0.18 of pandas' 10.2 GB (goal: under a quarter, met; 220 s here, 170 s in the earlier run); with the default
-2g the peak was 2.8 GB (0.28; 5.4 GB in the earlier run, unexplained). Growth from 1M to 10M rows is
-sub-linear (52-61 s -> 168 s: the JVM start, the MLflow run and code-generation warm-up are fixed costs).
-The previous record, 202 s at 1M rows, was taken under load ~11, so it does not compare directly.
+**Where it stands (record above, 2026-11-23 06:58 UTC): the speed goal is not met, and on this machine no
+Spark job can meet it.** The floor row (`spark-read-write`: only reading the CSV with its types and writing it
+as Parquet) runs at 0.55x polars' rows/s at 10M rows, below the 0.6x goal before a single check, split or
+statistic. dlpipe's ETL takes 2.8x the floor's time (233 s; 0.19x polars, 0.35x pandas). Memory: with
+`spark.driver_memory: 1g` the 10M-row job completes at a peak of 1.7 GB (summed PSS, Python + JVM), 0.17 of
+pandas' 10.3 GB (goal: under a quarter, met, in 199 s); with the default 2g the peak is 2.7 GB (0.27, not
+met). Growth from 1M to 10M rows is sub-linear (66 s -> 233 s: the JVM start, the MLflow store, ~30 Spark jobs'
+planning and code generation are fixed costs; at 2,000 rows the job takes ~36 s).
 
-What the rework changed, each found by profiling `run_etl` over Spark's event log (per job and stage times,
-task CPU against wall time) at 1M and 10M rows on the quiet machine:
-- **Row checks ran interpreted.** Every column's checks compiled into one generated method of ~14 KB of
-  bytecode; the JVM never JIT-compiles a method over 8 KB, so it ran in the bytecode interpreter. The session
-  now starts its JVMs with `-XX:-DontCompileHugeMethods` (the reading stage's CPU per task fell from 10 s to
-  7 s at 1M rows). Each value is also cast once (the checks used to cast it again for every check), and the
-  joined reason text is built only for rows with a problem.
-- **Duplicate keys without a full-row shuffle.** A window over every row (all columns plus the raw record
-  text) was replaced by counting keys (a shuffle of the key alone), ordering only the rows of repeated keys
-  and joining the few later repeats back by broadcast.
-- **Scaling in generated code.** The scaler applied each element through a Spark lambda (`transform`, which
-  Spark interprets per element); arrays up to 1,024 elements are now scaled element by element in generated
-  code (3x faster on 1M rows).
-- **Fewer passes.** Categorical vocabularies are counted in one pass, the split check and class balance share
-  one, and the quarantine reasons are counted from the written quarantine instead of the input.
-- **Tried and reverted: a one-pass write.** Cutting each split's files from the cached partitions
-  (`coalesce`, no shuffle) instead of spreading each split round-robin over its files (three shuffles) made
-  the 10M write no faster within this machine's noise (170 s vs 168 s in total), but it changed the rows'
-  order within the files, and the digits demo's CNN, trained on the new order, scored 0.981 test accuracy
-  instead of 0.989 (264 vs 266 of 269 test images). The target is 0.985, so the shipped config's margin over it
-  depends on the order of its training batches; the round-robin layout is back. Also tried: an uncompressed
-  cache (cheaper to build, dearer to read back: a wash at 10M).
+This record was taken in a slow hour of the shared host (load average 2.8, at most 3.7, on 2 cores): the same
+engines ran 20-80% slower than in the previous record (pandas 82 s against 45 s, polars 45 s against 38 s), and
+`run_etl` alone on the same 10M rows took 134 s, and 188 s half an hour later, with the same code. Compare rows
+within one record only. Back to back at 07:16-07:25 UTC (one run each, same CSV, same settings), the previous
+code (e2a93dd, the previous record's 168 s) took 323.6 s and this code 181.1 s: 1.8x faster, same counts.
 
-Where the 10M-row time goes now (event logs of two runs with the one-pass write): reading, checking and
-caching the CSV 63-73 s; the dataset write 23-35 s; the duplicate-key count 12 s; the other passes over the
-cached rows (quarantine write, counts, split sizes, scaler, vocabularies, quality report) 2.5-9 s each, ~30 s
-together; JVM start, MLflow run and input hashing ~14 s. pandas and polars do the same work in one in-memory
-pass each. Next candidates: computing the counts, split sizes, scaler statistics and quality report in the
-passes that already run (`DataFrame.observe` during the cache and quarantine writes), and a narrower cached
-row (the numeric columns as one float array)."""
+What changed in this round (profiled with Java Flight Recorder on the driver JVM and Spark's event log, 10M
+rows; each number is one measurement in one session, so the same hour):
+- **The checks ran in the JVM's interpreter.** Reading and checking 10M rows took 85-93 s against 27 s for
+  the typed read alone. JFR showed the generated `processNext` of that stage interpreted: the JVM could not
+  compile a method of 42 KB of bytecode ("out of nodes"). The ingest's DataFrame is now planned with
+  `spark.sql.codegen.hugeMethodLimit` 8000 (Spark's recommendation for HotSpot; Spark then runs one
+  generated method per operator): 33-44 s. Only there: session-wide, the scaler's aggregation (6.5 -> 11 s) and
+  the dataset write (30 -> 39 s) ran slower.
+- **CSV numbers parsed by the reader.** Reading doubles as text and casting them cost 41 s against 27 s for
+  the reader's own parsing. A line the reader flags (a value it cannot parse, or the wrong number of fields)
+  is split again as text, so its reasons are as before. A quarantined row the reader did parse now shows its
+  numbers as parsed in `record` (`"150.0"` for `150`).
+- **An uncompressed disk cache.** Building the column-encoded cache hashed every value of every column into a
+  dictionary, batch after batch: 64 s to read, check and keep the rows, 41 s without the encoding; reading it
+  back 7.1 s against 6.3 s.
+- **Fewer passes.** The rows are counted by the quarantine write (`DataFrame.observe`); the per-feature scaler
+  aggregates each element in place instead of exploding 140M (position, value) rows.
+- **Tried and dropped**: counting keys by a 64-bit hash instead of the key text (no gain within noise).
+- **Measured memory was double-counted.** The previous records summed RSS over the process tree; Hadoop's
+  local file system starts small commands from the JVM, and a JVM caught between fork and exec counts twice
+  (a 10M run sampled at 4.9 GB RSS showed two 2.3 GB JVMs). Peak memory is now the summed PSS.
+
+Where the 10M-row seconds go now (event-log timeline of the 134 s run): start (JVM, MLflow store, planning)
+11 s; read, check and keep the rows, with the key count's first half, 43 s; the rest of the duplicate-key
+detection 11 s; quarantine write 7 s; split sizes 3 s; scaler 8 s; vocabularies 3.5 s; quality report 6.5 s;
+dataset write 32 s (three per-split shuffles, each reading the kept rows, then the write); gaps between jobs
+~8 s. Next candidates: one scan for the dataset write (each split spread over its files by a hash instead of
+round-robin: the rows' order within files changes, and the digits CNN config is sensitive to it, see below),
+and fewer, fused aggregation passes (quality report, class balance and scaler statistics in one).
+
+Earlier rounds: the row checks cast each value once and build the reason text only for bad rows; duplicate keys
+are found without a full-row shuffle (keys counted, only repeated keys ordered, repeats joined back by
+broadcast); arrays up to 1,024 elements are scaled element by element in generated code. A one-pass dataset
+write (`coalesce`) was tried and reverted: it changed the rows' order within files, and the digits demo's CNN
+scored 0.981 instead of 0.989 test accuracy (target 0.985), so the shipped config's margin depends on the order
+of its training batches."""
 
 
 def ensure_csv(data_dir: str | Path, rows: int) -> Path:
@@ -267,7 +285,25 @@ def run_polars(csv: Path, out: Path) -> dict:
     return {"rows_in": df.height, "rows_clean": clean.height, "rows_quarantined": quarantined.height, **counts}
 
 
-RUNNERS = {"dlpipe-spark": run_dlpipe, "pandas": run_pandas, "polars": run_polars}
+def run_spark_floor(csv: Path, out: Path) -> dict:
+    """Spark reading the CSV with its declared types and writing it as Parquet, nothing else (no checks, quarantine,
+    split, statistics or features), in the session dlpipe's run gets: the floor under any Spark version of the job."""
+    from pyspark.sql import Observation
+    from pyspark.sql import functions as F
+
+    from jobs.config import validate_config
+    from pipelines.spark import spark_session
+
+    cfg = validate_config(dlpipe_config(csv, out, "2g"), "bench.etl")
+    spark = spark_session(cfg.spark, "bench-etl-floor")
+    declared = [("id", "long"), *[(name, "double") for name in NUMERIC], *[(name, "string") for name in CATEGORIES]]
+    rows = Observation("rows")
+    table = spark.read.schema(", ".join(f"{n} {t}" for n, t in declared)).csv(str(csv), header=True)
+    table.observe(rows, F.count(F.lit(1)).alias("rows_in")).write.parquet(str(out / "table"))
+    return rows.get
+
+
+RUNNERS = {"dlpipe-spark": run_dlpipe, "pandas": run_pandas, "polars": run_polars, FLOOR: run_spark_floor}
 
 
 def worker(engine: str, csv: Path, out: Path, result: Path, driver_memory: str) -> None:
@@ -281,7 +317,7 @@ def worker(engine: str, csv: Path, out: Path, result: Path, driver_memory: str) 
 
 
 def run_once(engine: str, csv: Path, driver_memory: str = "2g") -> dict:
-    """One run of `engine` in a fresh process: seconds, peak RSS of its process tree, counts (or the error)."""
+    """One run of `engine` in a fresh process: seconds, peak memory (PSS) of its process tree, counts (or the error)."""
     available_gb = psutil.virtual_memory().available / 2**30  # the machine is shared: record what was free
     work = Path(tempfile.mkdtemp(prefix=f"dlpipe-bench-etl-{engine}-", dir=csv.parent))
     result = work / "result.json"
@@ -289,13 +325,13 @@ def run_once(engine: str, csv: Path, driver_memory: str = "2g") -> dict:
                "--result", str(result), "--driver-memory", driver_memory]
     try:
         child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        with PeakRss(child.pid) as rss:
+        with PeakRss(child.pid, proportional=True) as memory:
             output, _ = child.communicate()
         if child.returncode != 0 or not result.exists():
             tail = output.strip().splitlines()[-5:]
-            return {"completed": False, "peak_rss_mb": rss.peak / 2**20, "available_gb_before": available_gb,
+            return {"completed": False, "peak_memory_mb": memory.peak / 2**20, "available_gb_before": available_gb,
                     "error": " | ".join(tail)}
-        return {"completed": True, **json.loads(result.read_text()), "peak_rss_mb": rss.peak / 2**20,
+        return {"completed": True, **json.loads(result.read_text()), "peak_memory_mb": memory.peak / 2**20,
                 "available_gb_before": available_gb}
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -307,40 +343,42 @@ def run(sizes: list[int], repeats: int, big_repeats: int, data_dir: str | Path, 
     largest = max(sizes)
     for rows in sorted(sizes, reverse=True):  # the largest first: it matters most and the load changes over time
         csv = ensure_csv(data_dir, rows)
-        runs: dict[str, list[dict]] = {engine: [] for engine in ENGINES}
+        runs: dict[str, list[dict]] = {engine: [] for engine in RUNNERS}
         for _ in range(big_repeats if rows >= 5_000_000 else repeats):
-            for engine in ENGINES:
+            for engine in RUNNERS:
                 runs[engine].append(run_once(engine, csv))
-        for engine in ENGINES:
+        for engine in RUNNERS:
             done = [r for r in runs[engine] if r["completed"]]
             if not done:
                 raise RuntimeError(f"{engine} ETL of {csv} failed: {runs[engine][-1]['error']}")
             median = statistics.median(r["seconds"] for r in done)
             results.append({"engine": engine, "rows": rows, "driver_memory": "2g" if engine == "dlpipe-spark" else None,
                             "median_s": median, "rows_per_s": rows / median, "counts": done[0]["counts"],
-                            "peak_rss_mb": max(r["peak_rss_mb"] for r in done), "runs": runs[engine]})
+                            "peak_memory_mb": max(r["peak_memory_mb"] for r in done), "runs": runs[engine]})
     low_memory = run_once("dlpipe-spark", ensure_csv(data_dir, largest), "1g") if low_memory_check else None
     for result in results:
         spark = next(r for r in results if r["engine"] == "dlpipe-spark" and r["rows"] == result["rows"])
         result["dlpipe_rows_per_s_ratio"] = spark["rows_per_s"] / result["rows_per_s"]
-        result["dlpipe_peak_rss_ratio"] = spark["peak_rss_mb"] / result["peak_rss_mb"]
+        result["dlpipe_peak_memory_ratio"] = spark["peak_memory_mb"] / result["peak_memory_mb"]
     return {"sizes": sizes, "repeats": repeats, "big_repeats": big_repeats, "results": results,
             "driver_1g": {"rows": largest, **low_memory} if low_memory else None}
 
 
 def markdown_table(report: dict) -> str:
-    """The results table: seconds, rows/s, peak RSS and ratios per engine and size; the 1 GB driver line."""
-    lines = ["| rows | engine | runs | seconds (median) | rows/s | peak RSS | dlpipe rows/s ÷ this | "
-             "dlpipe peak RSS ÷ this | clean / quarantined |",
+    """The results table: seconds, rows/s, peak memory and ratios per engine and size; the 1 GB driver line."""
+    lines = ["| rows | engine | runs | seconds (median) | rows/s | peak memory (PSS) | dlpipe rows/s ÷ this | "
+             "dlpipe peak memory ÷ this | clean / quarantined |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in sorted(report["results"], key=lambda r: r["rows"]):
         counts = r["counts"]
+        outcome = f"{counts['rows_clean']:,} / {counts['rows_quarantined']:,}" if r["engine"] in ENGINES else "(none)"
         lines.append(f"| {r['rows']:,} | {r['engine']} | {len(r['runs'])} | {r['median_s']:.1f} | "
-                     f"{r['rows_per_s']:,.0f} | {r['peak_rss_mb']:,.0f} MB | {r['dlpipe_rows_per_s_ratio']:.2f} | "
-                     f"{r['dlpipe_peak_rss_ratio']:.2f} | {counts['rows_clean']:,} / {counts['rows_quarantined']:,} |")
+                     f"{r['rows_per_s']:,.0f} | {r['peak_memory_mb']:,.0f} MB | {r['dlpipe_rows_per_s_ratio']:.2f} | "
+                     f"{r['dlpipe_peak_memory_ratio']:.2f} | {outcome} |")
     low = report.get("driver_1g")
     if low:
-        outcome = (f"completed in {low['seconds']:.1f} s, peak RSS {low['peak_rss_mb']:,.0f} MB" if low["completed"]
+        outcome = (f"completed in {low['seconds']:.1f} s, peak memory (PSS) {low['peak_memory_mb']:,.0f} MB"
+                   if low["completed"]
                    else f"did NOT complete: {low['error']}")
         lines += ["", f"dlpipe ETL of {low['rows']:,} rows with `spark.driver_memory: 1g`: {outcome}."]
     return "\n".join(lines)
@@ -354,7 +392,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--no-low-memory", action="store_true", help="skip the 1 GB driver run")
     parser.add_argument("--data-dir", default="runs/bench", help="where the generated CSVs are cached")
     parser.add_argument("--json", help="also write the full report (every run) as JSON here")
-    parser.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=RUNNERS, help=argparse.SUPPRESS)
     parser.add_argument("--csv", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)

@@ -57,7 +57,8 @@ def test_scoring_scores_every_row_of_both_models_at_each_size(quick_run):
 def test_etl_engines_agree_on_every_count(quick_run):
     record = quick_run[0]["etl"]
     counts = {r["engine"]: r["counts"] for r in record["results"]}
-    assert set(counts) == set(etl.ENGINES)
+    assert set(counts) == {*etl.ENGINES, etl.FLOOR}
+    assert counts.pop(etl.FLOOR) == {"rows_in": 2000}  # the floor reads and writes every row, checks nothing
     for engine, c in counts.items():
         assert c["rows_in"] == 2000, engine
         assert c["rows_quarantined"] == 5, engine  # one row per planted problem kind
@@ -65,7 +66,7 @@ def test_etl_engines_agree_on_every_count(quick_run):
         assert c["train"] + c["val"] + c["test"] == c["rows_clean"], engine
         assert 0.6 < c["train"] / c["rows_clean"] < 0.8, engine
     spark = next(r for r in record["results"] if r["engine"] == "dlpipe-spark")
-    assert spark["dlpipe_rows_per_s_ratio"] == 1.0 and spark["peak_rss_mb"] > 100  # the JVM was sampled
+    assert spark["dlpipe_rows_per_s_ratio"] == 1.0 and spark["peak_memory_mb"] > 100  # the JVM was sampled
 
 
 def test_training_runs_each_path_and_world_size(quick_run):
