@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import sys
-
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -48,7 +47,7 @@ def small_generated_methods(spark: SparkSession) -> Iterator[None]:
     generated method per operator instead (the setting Spark's configuration guide recommends for HotSpot).
 
     For the wide-table checks: as one method they took 42 KB of bytecode, which the JVM ran in its interpreter
-    (3x slower). Not the session default: a scaler's or a writer's big method ran faster compiled whole.
+    (2-3x slower). Not the session default: a scaler's or a writer's big method ran faster compiled whole.
     Set it while a DataFrame is both kept (`persist` plans it, in a copy of the session's settings) and first run.
     """
     before = spark.conf.get(HUGE_METHOD_LIMIT)

@@ -119,7 +119,8 @@ def _ingest(spark, fmt: str, generated: list[tuple[bytes, str | None]]) -> tuple
     source = TableSource.model_validate({"kind": fmt, "path": str(path), "columns": COLUMNS, "max_bad_fraction": 1.0})
     checked = ingest_table(spark, source, [path]).persist()
     try:
-        return checked.select("tag", "record", "reason").collect(), checked.agg(*row_counts(is_clean())).first().asDict()
+        counts = checked.agg(*row_counts(is_clean())).first().asDict()
+        return checked.select("tag", "record", "reason").collect(), counts
     finally:
         checked.unpersist()
 
