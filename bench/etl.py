@@ -71,57 +71,47 @@ memory, and Spark's seconds growing linearly from 1M to 10M rows. The spec's anc
 this job: 10M rows pandas 135 s / 10.3 GB, polars 52 s / 4.8 GB, a straightforward Spark job 113 s / 1.3 GB
 JVM; 1M rows pandas 12.3 s, polars 4.4 s, Spark 31 s.
 
-**Where it stands (record above, 2026-11-23 06:58 UTC): the speed goal is not met, and on this machine no
-Spark job can meet it.** The floor row (`spark-read-write`: only reading the CSV with its types and writing it
-as Parquet) runs at 0.55x polars' rows/s at 10M rows, below the 0.6x goal before a single check, split or
-statistic. dlpipe's ETL takes 2.8x the floor's time (233 s; 0.19x polars, 0.35x pandas). Memory: with
-`spark.driver_memory: 1g` the 10M-row job completes at a peak of 1.7 GB (summed PSS, Python + JVM), 0.17 of
-pandas' 10.3 GB (goal: under a quarter, met, in 199 s); with the default 2g the peak is 2.7 GB (0.27, not
-met). Growth from 1M to 10M rows is sub-linear (66 s -> 233 s: the JVM start, the MLflow store, ~30 Spark jobs'
-planning and code generation are fixed costs; at 2,000 rows the job takes ~36 s).
+**Where it stands (record above, 2026-11-23 09:36-09:49 UTC, load average 2.9, at most 3.7): the speed goal
+is not met, and on this machine no Spark job can meet it.** The floor row (`spark-read-write`: only reading the
+CSV with its types and writing it as Parquet) runs at 0.53x polars' rows/s at 10M rows, below the 0.6x goal
+before a single check, split or statistic. dlpipe's ETL takes 187 s, 2.5x the floor (0.21x polars, 0.39x
+pandas); the previous record had 233 s and 2.8x. Memory: with `spark.driver_memory: 1g` the 10M-row job
+completes at a peak of 1.7 GB (summed PSS, Python + JVM), 0.17 of pandas' 10.2 GB (goal: under a quarter, met);
+with the default 2g the peak is 2.8 GB (0.27, not met). Growth from 1M to 10M rows is sub-linear (52 s -> 187 s:
+the JVM start, the MLflow store, ~25 Spark jobs' planning and code generation are fixed costs). The shared host
+varies by the hour: the same 10M-row `run_etl` took 146 s at 09:33 UTC, 173 s at 09:15; compare rows within one
+record only.
 
-This record was taken in a slow hour of the shared host (load average 2.8, at most 3.7, on 2 cores): the same
-engines ran 20-80% slower than in the previous record (pandas 82 s against 45 s, polars 45 s against 38 s), and
-`run_etl` alone on the same 10M rows took 134 s, and 188 s half an hour later, with the same code. Compare rows
-within one record only. Back to back at 07:16-07:25 UTC (one run each, same CSV, same settings), the previous
-code (e2a93dd, the previous record's 168 s) took 323.6 s and this code 181.1 s: 1.8x faster, same counts.
+What changed in this round:
+- **The dataset is written in one scan, with no sort.** Before, each split was spread round-robin over its
+  files (three shuffles, each reading the kept rows), and Spark's partitioned writer then sorted every row by
+  split. Now an input of at least `files_per_split` partitions has its partitions merged (`coalesce`: no
+  shuffle), and during the write `spark.sql.maxConcurrentOutputFileWriters` is 3 (one open file per split), so
+  no row is sorted. A smaller input (the digits images) is still spread round-robin per split: its files are
+  identical to before. Event-log timeline, 10M rows: write 51 s (a slow hour) -> 23-31 s.
+- **The quality report and the split-size check share one pass** (rows per split and class come from the
+  report): 4.5 s + 8.9 s -> 8.1 s.
+- **The digits CNN no longer rides on the rows' order.** The previous config scored 0.981-0.989 test accuracy
+  over 3 seeds x 2 file layouts (target 0.985), which is why an earlier one-scan write was reverted. The config
+  with the best mean val accuracy of 8 candidates (cosine learning rate, label smoothing 0.1, 60 epochs) scores
+  0.989-0.996 on the same runs.
+- **Tried and dropped**: shuffling the keys before counting them (Spark still plans a partial and a final count,
+  both after the shuffle: no saving); Parquet without dictionary encoding (rewriting the 10M-row dataset: 15.4 s
+  against 17.3 s, within noise).
 
-What changed in this round (profiled with Java Flight Recorder on the driver JVM and Spark's event log, 10M
-rows; each number is one measurement in one session, so the same hour):
-- **The checks ran in the JVM's interpreter.** Reading and checking 10M rows took 85-93 s against 27 s for
-  the typed read alone. JFR showed the generated `processNext` of that stage interpreted: the JVM could not
-  compile a method of 42 KB of bytecode ("out of nodes"). The ingest's DataFrame is now planned with
-  `spark.sql.codegen.hugeMethodLimit` 8000 (Spark's recommendation for HotSpot; Spark then runs one
-  generated method per operator): 33-44 s. Only there: session-wide, the scaler's aggregation (6.5 -> 11 s) and
-  the dataset write (30 -> 39 s) ran slower.
-- **CSV numbers parsed by the reader.** Reading doubles as text and casting them cost 41 s against 27 s for
-  the reader's own parsing. A line the reader flags (a value it cannot parse, or the wrong number of fields)
-  is split again as text, so its reasons are as before. A quarantined row the reader did parse now shows its
-  numbers as parsed in `record` (`"150.0"` for `150`).
-- **An uncompressed disk cache.** Building the column-encoded cache hashed every value of every column into a
-  dictionary, batch after batch: 64 s to read, check and keep the rows, 41 s without the encoding; reading it
-  back 7.1 s against 6.3 s.
-- **Fewer passes.** The rows are counted by the quarantine write (`DataFrame.observe`); the per-feature scaler
-  aggregates each element in place instead of exploding 140M (position, value) rows.
-- **Tried and dropped**: counting keys by a 64-bit hash instead of the key text (no gain within noise).
-- **Measured memory was double-counted.** The previous records summed RSS over the process tree; Hadoop's
-  local file system starts small commands from the JVM, and a JVM caught between fork and exec counts twice
-  (a 10M run sampled at 4.9 GB RSS showed two 2.3 GB JVMs). Peak memory is now the summed PSS.
+Where the 10M-row seconds go now (event-log timeline of the 146 s run): start (JVM, MLflow store, planning)
+11 s; read, check and keep the rows, with the key count's first half, 56 s; the rest of the duplicate-key
+detection 15 s; quarantine write 9 s; quality report and split sizes 8 s; scaler 9 s; vocabularies 4.4 s;
+dataset write 23 s; gaps between jobs ~10 s. A pass over the kept rows costs 2-7 s (one column to all of
+them, measured alone), so the remaining passes are worth fusing further; the read and check pass alone is
+2x the floor's parse.
 
-Where the 10M-row seconds go now (event-log timeline of the 134 s run): start (JVM, MLflow store, planning)
-11 s; read, check and keep the rows, with the key count's first half, 43 s; the rest of the duplicate-key
-detection 11 s; quarantine write 7 s; split sizes 3 s; scaler 8 s; vocabularies 3.5 s; quality report 6.5 s;
-dataset write 32 s (three per-split shuffles, each reading the kept rows, then the write); gaps between jobs
-~8 s. Next candidates: one scan for the dataset write (each split spread over its files by a hash instead of
-round-robin: the rows' order within files changes, and the digits CNN config is sensitive to it, see below),
-and fewer, fused aggregation passes (quality report, class balance and scaler statistics in one).
-
-Earlier rounds: the row checks cast each value once and build the reason text only for bad rows; duplicate keys
-are found without a full-row shuffle (keys counted, only repeated keys ordered, repeats joined back by
-broadcast); arrays up to 1,024 elements are scaled element by element in generated code. A one-pass dataset
-write (`coalesce`) was tried and reverted: it changed the rows' order within files, and the digits demo's CNN
-scored 0.981 instead of 0.989 test accuracy (target 0.985), so the shipped config's margin depends on the order
-of its training batches."""
+Earlier rounds: the checks were planned as small generated methods (one 42 KB method ran in the JVM's
+interpreter; 85-93 s -> 33-44 s); CSV numbers are parsed by the reader and a flagged line re-split as text for
+its reasons; an uncompressed disk cache (64 s -> 41 s to build); rows counted during the quarantine write; the
+per-feature scaler aggregates in place; the checks cast each value once and build reason text only for bad rows;
+duplicate keys are found without a full-row shuffle; peak memory is measured as summed PSS (summed RSS counted a
+JVM caught between fork and exec twice)."""
 
 
 def ensure_csv(data_dir: str | Path, rows: int) -> Path:

@@ -31,7 +31,7 @@ from pipelines.dataset import (
     write_quarantine,
 )
 from pipelines.errors import DataError
-from pipelines.quality import quality_report
+from pipelines.quality import quality_report, reported_balance
 from pipelines.quarantine import quarantine_rows, row_counts
 from pipelines.drift import fit_reference
 from pipelines.scaling import fit_scaler
@@ -62,13 +62,13 @@ def _image_etl(spark: SparkSession, cfg: PipelineConfig) -> dict:
         counts, reasons = _quarantine(decoded, images.is_clean(), cfg)
         clean = images.clean_rows(decoded)
         classes = class_names(clean, "label")
-        rows, balance = _split(encode_labels(clean, "label", classes), classes, cfg, counts["rows_clean"])
+        rows, balance, quality = _split(encode_labels(clean, "label", classes), classes, cfg, counts["rows_clean"], [])
         scaler = fit_scaler(_train(rows), "raw_features", cfg.normalize, group_size=height * width)
         dataset = dataset_columns(scaler.transform(rows, "raw_features", "features"), cfg.output.keep_raw)
         preprocessing = {"image_size": list(cfg.source.image_size), "channels": channels, "scaler": scaler.to_dict()}
         return _write(
             cfg, dataset, counts, reasons, classes, balance,
-            quality=quality_report(rows, [], classes),
+            quality=quality,
             input_hash=content_hash(decoded, "id", "content_sha256"),
             input_files=counts["rows_in"],
             feature_shape=(channels, height, width),
@@ -85,7 +85,7 @@ def _table_etl(spark: SparkSession, cfg: PipelineConfig) -> dict:
         numeric, categorical = tables.feature_columns(source)
         clean = tables.with_raw_features(checked.where(tables.is_clean()), numeric)
         clean, classes = _encoded_labels(clean, source.label)
-        rows, balance = _split(clean, classes, cfg, counts["rows_clean"])
+        rows, balance, quality = _split(clean, classes, cfg, counts["rows_clean"], _quality_columns(source))
         train = _train(rows)
         scaler = fit_scaler(train, "raw_features", cfg.normalize, group_size=1, names=numeric)
         vocabularies = fit_vocabularies(train, categorical, (UNKNOWN_CATEGORY,), oov_id=0)
@@ -103,7 +103,7 @@ def _table_etl(spark: SparkSession, cfg: PipelineConfig) -> dict:
         }
         return _write(
             cfg, dataset, counts, reasons, classes, balance,
-            quality=quality_report(rows, _quality_columns(source), classes),
+            quality=quality,
             input_hash=file_content_hash(files, _source_root(source)),
             input_files=len(files),
             feature_shape=(len(numeric),),
@@ -120,8 +120,8 @@ def _timeseries_etl(spark: SparkSession, cfg: PipelineConfig) -> dict:
         counts, reasons = _quarantine(checked, tables.is_clean(), cfg)
         tables.check_duplicates(reasons, source)
         inputs = source.input_columns
-        steps, _ = _split(tables.with_raw_features(checked.where(tables.is_clean()), inputs), [], cfg,
-                          counts["rows_clean"])
+        clean = tables.with_raw_features(checked.where(tables.is_clean()), inputs)
+        steps, _, quality = _split(clean, [], cfg, counts["rows_clean"], _quality_columns(source))
         scaler = fit_scaler(_train(steps), "raw_features", cfg.normalize, group_size=1, names=inputs)
         scaled = scaler.transform(steps, "raw_features", "features")
         windows = sliding_windows(scaled, window, source.time_column, source.series_key, source.target)
@@ -142,7 +142,7 @@ def _timeseries_etl(spark: SparkSession, cfg: PipelineConfig) -> dict:
         check_split_sizes(split_sizes(balance), cfg.split)
         return _write(
             cfg, dataset, counts, reasons, [], balance,
-            quality=quality_report(steps, _quality_columns(source), []),
+            quality=quality,
             describe_written=baselines if cfg.output.keep_raw else None,
             input_hash=file_content_hash(files, _source_root(source)),
             input_files=len(files),
@@ -158,8 +158,9 @@ def _text_etl(spark: SparkSession, cfg: PipelineConfig) -> dict:
         counts, reasons = _quarantine(checked, tables.is_clean(), cfg)
         tables.check_duplicates(reasons, source)
         clean, classes = _encoded_labels(checked.where(tables.is_clean()), source.label)
-        clean = clean.withColumn("text", F.col(source.text_column))
-        rows, balance = _split(clean, classes, cfg, counts["rows_clean"])
+        clean = text.with_length(clean.withColumn("text", F.col(source.text_column)), source.max_length)
+        quality_columns = [*_quality_columns(source), "length"]
+        rows, balance, quality = _split(clean, classes, cfg, counts["rows_clean"], quality_columns)
         vocabulary = text.fit_text_vocabulary(_train(rows), source)
         indexed = text.token_ids(rows, vocabulary, source.max_length)
         keep_raw = cfg.output.keep_raw
@@ -175,7 +176,7 @@ def _text_etl(spark: SparkSession, cfg: PipelineConfig) -> dict:
         }
         return _write(
             cfg, dataset, counts, reasons, classes, balance,
-            quality=quality_report(indexed, [*_quality_columns(source), "length"], classes),
+            quality=quality,
             input_hash=file_content_hash(files, _source_root(source)),
             input_files=len(files),
             feature_shape=(source.max_length,),
@@ -195,13 +196,15 @@ def _quarantine(checked: DataFrame, is_clean: Column, cfg: PipelineConfig) -> tu
     return counts, quarantine_reasons(cfg.quarantine_dir, checked.sparkSession)
 
 
-def _split(clean: DataFrame, classes: list[str], cfg: PipelineConfig, total: int) -> tuple[DataFrame, dict]:
-    """(the `total` clean rows with `split`, rows per split and class): DataError, before anything is fitted,
-    when the splits do not add up or one is empty. The per-split counts take one pass."""
+def _split(clean: DataFrame, classes: list[str], cfg: PipelineConfig, total: int,
+           quality_columns: list[str]) -> tuple[DataFrame, dict, dict]:
+    """(the `total` clean rows with `split`, rows per split and class, their quality report over `quality_columns`):
+    DataError, before anything is fitted, when the splits do not add up or one is empty. One pass computes both."""
     rows = split_rows(clean, "id", "label" if classes else None, cfg.split)
-    balance = class_balance(rows, classes)
+    quality = quality_report(rows, quality_columns, classes)
+    balance = reported_balance(quality, classes)
     check_split_sizes(split_sizes(balance), cfg.split, total)
-    return rows, balance
+    return rows, balance, quality
 
 
 def _encoded_labels(clean: DataFrame, label_col: str | None) -> tuple[DataFrame, list[str]]:

@@ -19,6 +19,7 @@ from jobs.config import OutputConf, PipelineConfig
 from pipelines.atomic import atomic_directory
 from pipelines.errors import DataError
 from pipelines.quality import QUALITY_NAME
+from pipelines.spark import concurrent_writers
 from pipelines.split import SPLITS
 
 MANIFEST_NAME = "manifest.json"
@@ -148,6 +149,19 @@ def _row_groups(split_dir: Path) -> int:
     return sum(pq.ParquetFile(path).num_row_groups for path in split_dir.glob("*.parquet"))
 
 
+def _in_files(dataset: DataFrame, files: int) -> DataFrame:
+    """`dataset` in partitions that each become one file per split, `files` per split.
+
+    An input of at least `files` partitions (a large one) has them merged: no shuffle, each file holds runs of
+    input rows. A smaller input is shuffled: each split is spread round-robin over exactly `files` equal parts,
+    so even a tiny train split has a row group for every rank.
+    """
+    if dataset.rdd.getNumPartitions() >= files:
+        return dataset.coalesce(files)
+    per_split = [dataset.where(F.col("split") == split).repartition(files) for split in SPLITS]
+    return reduce(DataFrame.unionByName, per_split)
+
+
 def write_dataset(
     dataset: DataFrame,
     out_dir: Path,
@@ -157,19 +171,17 @@ def write_dataset(
     world_size: int,
     describe_written: Callable[[Path], dict] | None = None,
 ) -> dict:
-    """Write `output.files_per_split` Parquet files per split, manifest.json and quality.json, replacing `out_dir`
-    atomically; returns the manifest, with the fields `describe_written(written folder)` adds (e.g. baselines).
+    """Write `output.files_per_split` Parquet files per split (`_in_files`), manifest.json and quality.json, replacing
+    `out_dir` atomically; returns the manifest, with the fields `describe_written(written folder)` adds (e.g.
+    baselines).
 
     Raises DataError (leaving any previous dataset in place) when the train split has fewer row groups than
     `world_size`: petastorm shards row groups across ranks.
     """
-    # Each split is spread round-robin over exactly `files_per_split` balanced files. (Cutting files from the
-    # cached partitions with `coalesce` saves these shuffles, but changes the rows' order within each file, and
-    # with it which batches the model trains on: see BENCHMARKS.md, ETL notes.)
-    per_split = [dataset.where(F.col("split") == split).repartition(output.files_per_split) for split in SPLITS]
-    writer = reduce(DataFrame.unionByName, per_split).write.option("parquet.block.size", output.row_group_bytes)
+    writer = _in_files(dataset, output.files_per_split).write.option("parquet.block.size", output.row_group_bytes)
     with atomic_directory(out_dir) as staging:
-        writer.partitionBy("split").parquet(str(staging))
+        with concurrent_writers(dataset.sparkSession, len(SPLITS)):  # one open file per split, rows never sorted
+            writer.partitionBy("split").parquet(str(staging))
         train_row_groups = _row_groups(staging / "split=train")
         if train_row_groups < world_size:
             raise DataError(

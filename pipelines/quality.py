@@ -56,3 +56,12 @@ def quality_report(rows: DataFrame, columns: list[str], classes: list[str]) -> d
             split: {name: row[f"class{k}"] for k, name in enumerate(classes)} for split, row in sorted(per_split.items())
         } if classes else {},
     }
+
+
+def reported_balance(report: dict, classes: list[str]) -> dict[str, dict[str, int]]:
+    """Per split, class name -> rows, from a report (as `dataset.class_balance` counts them: classes without rows
+    left out, unlabelled rows under '')."""
+    if classes:
+        return {split: {name: rows for name, rows in report["label_balance"].get(split, {}).items() if rows}
+                for split in SPLITS}
+    return {split: {"": report["rows"][split]} if split in report["rows"] else {} for split in SPLITS}

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import sys
 from contextlib import contextmanager
-from typing import Iterator
+from typing import ContextManager, Iterator
 
 from pyspark.sql import SparkSession
 
@@ -14,6 +14,7 @@ from jobs.config import SparkConf
 # cannot compile at all, and a big compiled one it optimizes poorly.
 JIT_HUGE_METHODS = "-XX:-DontCompileHugeMethods"
 HUGE_METHOD_LIMIT = "spark.sql.codegen.hugeMethodLimit"
+CONCURRENT_WRITERS = "spark.sql.maxConcurrentOutputFileWriters"
 
 
 def spark_session(conf: SparkConf, app_name: str) -> SparkSession:
@@ -42,7 +43,20 @@ def spark_session(conf: SparkConf, app_name: str) -> SparkSession:
 
 
 @contextmanager
-def small_generated_methods(spark: SparkSession) -> Iterator[None]:
+def session_setting(spark: SparkSession, key: str, value: str) -> Iterator[None]:
+    """The SQL setting `key` is `value` within the block, and what it was before after it."""
+    before = spark.conf.get(key, None)
+    spark.conf.set(key, value)
+    try:
+        yield
+    finally:
+        if before is None:
+            spark.conf.unset(key)
+        else:
+            spark.conf.set(key, before)
+
+
+def small_generated_methods(spark: SparkSession) -> ContextManager[None]:
     """Within the block, a query part whose generated code would be one method over 8000 bytes runs as one smaller
     generated method per operator instead (the setting Spark's configuration guide recommends for HotSpot).
 
@@ -50,9 +64,10 @@ def small_generated_methods(spark: SparkSession) -> Iterator[None]:
     (2-3x slower). Not the session default: a scaler's or a writer's big method ran faster compiled whole.
     Set it while a DataFrame is both kept (`persist` plans it, in a copy of the session's settings) and first run.
     """
-    before = spark.conf.get(HUGE_METHOD_LIMIT)
-    spark.conf.set(HUGE_METHOD_LIMIT, "8000")
-    try:
-        yield
-    finally:
-        spark.conf.set(HUGE_METHOD_LIMIT, before)
+    return session_setting(spark, HUGE_METHOD_LIMIT, "8000")
+
+
+def concurrent_writers(spark: SparkSession, writers: int) -> ContextManager[None]:
+    """Within the block, a partitioned write keeps up to `writers` files open per task instead of sorting its rows
+    by partition value first (Spark's default: a sort of every row written, spilling to disk at scale)."""
+    return session_setting(spark, CONCURRENT_WRITERS, str(writers))

@@ -55,12 +55,16 @@ def fit_text_vocabulary(train: DataFrame, source: TextSource) -> Vocabulary:
     return fit_vocabulary(train, "tokens", (PAD, OOV), OOV_ID, max_size=source.vocab_size, min_count=source.min_count)
 
 
+def with_length(rows: DataFrame, max_length: int) -> DataFrame:
+    """Add `length`: how many of a row's `tokens` its ids keep (at most `max_length`; every token gets an id)."""
+    return rows.withColumn("length", F.least(F.size("tokens"), F.lit(max_length)))
+
+
 def token_ids(rows: DataFrame, vocabulary: Vocabulary, max_length: int) -> DataFrame:
-    """Replace `tokens` by `features`: exactly `max_length` int ids (cut, then padded with PAD); `length` = ids
-    before padding."""
+    """Replace `tokens` by `features`: exactly `max_length` int ids (cut, then padded with PAD)."""
     ids = F.slice(vocabulary.index_array(F.col("tokens")), 1, max_length)
     padded = F.concat(ids, F.array_repeat(F.lit(PAD_ID), F.lit(max_length) - F.size(ids)))
-    return rows.withColumns({"features": padded, "length": F.size(ids)}).drop("tokens")
+    return rows.withColumn("features", padded).drop("tokens")
 
 
 def python_pattern(token_pattern: str) -> re.Pattern:

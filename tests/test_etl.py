@@ -12,12 +12,13 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from jobs.config import PipelineConfig, SplitConf, validate_config
+from jobs.config import OutputConf, PipelineConfig, SplitConf, validate_config
 from jobs.etl import run_etl
-from pipelines.dataset import read_manifest
+from pipelines.dataset import read_manifest, write_dataset
 from pipelines.errors import DataError
 from pipelines.images import NOT_IN_CLASS_FOLDER, decode_image
 from pipelines.scaling import FittedScaler
+from pipelines.spark import CONCURRENT_WRITERS
 from pipelines.split import assign_split
 
 CLASS_SIZES = {"cat": 20, "dog": 23, "owl": 17}  # 60 decodable images
@@ -243,6 +244,32 @@ def test_too_many_bad_files_fail_with_the_fraction_and_quarantine_path(spark, tm
         run_etl(cfg)
     assert pq.read_table(cfg.quarantine_dir).num_rows == 2
     assert not cfg.dataset_dir.exists()
+
+
+@pytest.mark.parametrize("partitions", [6, 1])
+def test_each_split_is_written_as_files_per_split_files_holding_each_row_once(spark, tmp_path, partitions):
+    """Six partitions are merged into 2 per split without a shuffle (each file holds whole input partitions, rows in
+    input order); a single partition is shuffled so that each split spreads evenly over its 2 files."""
+    splits = [("train", "train", "val", "test")[i % 4] for i in range(120)]
+    rows = spark.createDataFrame([(f"{i:03d}", [float(i)], split) for i, split in enumerate(splits)],
+                                 "id string, features array<float>, split string")
+    rows = rows.repartitionByRange(partitions, "id").sortWithinPartitions("id")  # partition k: the k-th id range
+    writers = spark.conf.get(CONCURRENT_WRITERS, None)
+    write_dataset(rows, tmp_path / "out", {}, {}, OutputConf(files_per_split=2), world_size=2)
+    assert spark.conf.get(CONCURRENT_WRITERS, None) == writers  # the write's own setting is not left behind
+    for split in ("train", "val", "test"):
+        paths = sorted((tmp_path / "out" / f"split={split}").glob("*.parquet"))
+        files = [pq.read_table(path).column("id").to_pylist() for path in paths]
+        assert len(files) == 2
+        assert sorted(i for ids in files for i in ids) == [f"{i:03d}" for i, s in enumerate(splits) if s == split]
+        if partitions > 1:  # each input partition (ids 0-19, 20-39, ...) is one run of one file, in input order
+            groups = [[int(i) // 20 for i in ids] for ids in files]
+            runs = [g for file in groups for k, g in enumerate(file) if k == 0 or file[k - 1] != g]
+            assert len(runs) == len(set(runs))
+            assert all(ids[k] < ids[k + 1] for ids, file in zip(files, groups) for k in range(len(ids) - 1)
+                       if file[k] == file[k + 1])
+        else:
+            assert abs(len(files[0]) - len(files[1])) <= 1
 
 
 def test_train_split_with_fewer_row_groups_than_ranks_fails_and_writes_no_dataset(spark, tmp_path):

@@ -9,7 +9,9 @@ import pytest
 from jobs.config import NormalizeConf, SplitConf
 from pipelines import scaling
 from pipelines.scaling import fit_scaler
+from pipelines.dataset import class_balance
 from pipelines.errors import DataError
+from pipelines.quality import quality_report, reported_balance
 from pipelines.split import check_split_sizes, hash_split, split_rows
 from pipelines.vocabulary import fit_vocabularies, fit_vocabulary
 
@@ -115,3 +117,14 @@ def test_split_sizes_must_add_up_and_leave_no_split_empty():
     with pytest.raises(DataError, match=r"^split 'val', 'test' are empty: 3 clean rows with ratios 0.7/0.15/0.15 "
                                         r"\(train 3, val 0, test 0\); add rows or change split ratios$"):
         check_split_sizes({"train": 3}, conf)
+
+
+@pytest.mark.parametrize("classes", [["a", "b", "c"], []])
+def test_the_quality_reports_balance_is_the_class_balance_counted_directly(spark, classes):
+    """Class 'c' has no rows and 'test' none at all: both are left out as `class_balance` leaves them out."""
+    rows = spark.createDataFrame([("train", 0)] * 5 + [("train", 1)] * 3 + [("val", 1)] * 2, "split string, label int")
+    rows = rows if classes else rows.drop("label")
+    balance = reported_balance(quality_report(rows, [], classes), classes)
+    assert balance == class_balance(rows, classes)
+    assert balance == ({"train": {"a": 5, "b": 3}, "val": {"b": 2}, "test": {}} if classes
+                       else {"train": {"": 8}, "val": {"": 2}, "test": {}})
