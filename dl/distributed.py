@@ -5,8 +5,10 @@ torchrun exports RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT; with
 """
 from __future__ import annotations
 
+import logging
 import os
 import random
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
@@ -14,6 +16,8 @@ from typing import Iterator
 import numpy as np
 import torch
 import torch.distributed as dist
+
+log = logging.getLogger("dlpipe.distributed")
 
 
 @dataclass(frozen=True)
@@ -67,6 +71,37 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def wait_released(tensor: torch.Tensor, timeout_s: float = 30.0) -> bool:
+    """Wait until no backend thread holds `tensor` any more (its use count is ours alone); False after `timeout_s`.
+
+    A collective's work, and the tensors it holds, may outlive the call that waited for it: gloo's worker thread
+    wakes the caller first and lets go of the work just after.
+    """
+    deadline = time.monotonic() + timeout_s
+    while tensor._use_count() > 1:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.001)
+    return True
+
+
+def leave_together(device: torch.device, timeout_s: float = 30.0) -> None:
+    """Wait until every rank gets here, then until the backend has let go of that last collective.
+
+    A rank must not leave while its peers still work (rank 0 logging and registering the model): torchrun would
+    see it exit early. And it must not leave while gloo's worker thread still holds the last collective: if that
+    thread lets go once the interpreter is shutting down, it cannot take the GIL to release the tensors' Python
+    objects, and the rank dies with SIGABRT ("terminate called without an active exception").
+    `destroy_process_group` does not join that thread: DDP keeps the group alive. So the last collective
+    all-reduces a tensor of our own, and we wait until the backend holds it no more.
+    """
+    token = torch.zeros(1, device=device)
+    dist.all_reduce(token)
+    if not wait_released(token, timeout_s):
+        log.warning("the %s backend still holds the last collective after %gs; leaving anyway",
+                    dist.get_backend(), timeout_s)
+
+
 @contextmanager
 def distributed(backend: str = "auto", seed: int = 0) -> Iterator[DistContext]:
     """Join the process group described by the environment, seed this rank, and tear the group down on exit."""
@@ -84,9 +119,6 @@ def distributed(backend: str = "auto", seed: int = 0) -> Iterator[DistContext]:
     seed_everything(seed, rank)
     try:
         yield DistContext(rank, local_rank, world_size, backend, device)
-        # Leave together: a rank that tore its group down while rank 0 was still logging and registering the
-        # model was seen aborting at exit (SIGABRT, "terminate called without an active exception"), which
-        # makes torchrun fail the whole job. On an exception there is no barrier: that rank fails at once.
-        dist.barrier()
+        leave_together(device)  # on an exception there is no wait: that rank fails at once
     finally:
         dist.destroy_process_group()

@@ -21,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from dl.arrow_loader import ArrowLoader
 from dl.checkpoint import load_checkpoint
-from dl.distributed import distributed
+from dl.distributed import distributed, wait_released
 from dl.metrics import classification_metrics, confusion_matrix
 from dl.models import build_model
 from dl.optim import build_optimizer
@@ -151,6 +151,22 @@ def equivalence_training(ctx) -> dict[str, torch.Tensor]:
     return {name: value.detach().clone() for name, value in network.state_dict().items()}
 
 
+def release_report() -> dict:
+    """What `wait_released` sees in a live gloo group: a tensor a pending work holds, then finished collectives."""
+    held = torch.ones(1)
+    work = torch.distributed.all_reduce(held, async_op=True)
+    while_work_alive = wait_released(held, timeout_s=0.05)  # the Work object holds the tensor until it is dropped
+    work.wait()
+    del work
+    after_work_dropped = wait_released(held)
+    finished = []
+    for _ in range(50):  # each may still be held by gloo's worker thread when all_reduce returns
+        value = torch.ones(1)
+        torch.distributed.all_reduce(value)
+        finished.append([wait_released(value), value._use_count(), value.item()])
+    return {"while_work_alive": while_work_alive, "after_work_dropped": after_work_dropped, "finished": finished}
+
+
 def _two_rank_worker(rank: int, world_size: int, port: int, even: Path, uneven: Path, weights: Path, out: Path):
     """Everything the 2-rank tests check, in one process group (spawning ranks costs seconds)."""
     _set_rank_env(rank, world_size, port)
@@ -170,6 +186,7 @@ def _two_rank_worker(rank: int, world_size: int, port: int, even: Path, uneven: 
             checksum = sum(float(value.double().sum()) for value in network.state_dict().values())
             report[loader] = {"history": result.history, "test_metrics": result.test_metrics, "checksum": checksum}
         torch.save(equivalence_training(ctx), out / f"equivalence-rank{rank}.pt")
+        report["release"] = release_report()
     (out / f"rank{rank}.json").write_text(json.dumps(report))
 
 
@@ -237,6 +254,13 @@ def test_all_reduced_metrics_equal_single_process_metrics(two_ranks):
             assert rank["test_metrics"][name] == single[name]
         assert rank["test_metrics"]["loss"] == pytest.approx(single["loss"], rel=1e-6)
     assert confusion.sum() == len(two_ranks["ids"]["even"]["test"])
+
+
+def test_a_collective_counts_as_released_only_once_the_backend_holds_none_of_its_tensors(two_ranks):
+    for report in two_ranks["ranks"]:
+        release = report["release"]
+        assert release["while_work_alive"] is False and release["after_work_dropped"] is True
+        assert release["finished"] == [[True, 1, 2.0]] * 50  # released, held by us alone, summed over both ranks
 
 
 def test_metrics_match_scikit_learn_including_absent_classes():
