@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -34,6 +35,8 @@ SHAPE = (1, 8, 8)
 CLASSES = 10
 FILES = 4  # >= the largest world size: each rank reads whole row groups
 SOURCES = ("memory", "arrow")
+# a failed job's lines worth reporting: an exception's message (`[rank0]: ValueError: ...`) or a native abort
+FAILURE_LINE = re.compile(r"^(\[rank\d+\]: ?)?[\w.]*(Error|Exception): |terminate called|Fatal Python error")
 TITLE = "Training: digits-CNN samples/s, ArrowLoader vs in-memory tensors, DDP 2 ranks vs 1"
 METHOD = """\
 - **Data**: N synthetic 8x8 grey images (64 float32 values in `features: list<float>`, `label: int32` of 10
@@ -198,12 +201,13 @@ def run_once(data: Path, source: str, world_size: int, amp: str, args: argparse.
                "-m", "bench.training", "--worker", "--source", source, "--data", str(data), "--result", str(result),
                "--amp", amp, "--backend", args.backend, "--epochs", str(args.epochs)]
     command += ["--batch-size", str(args.batch_size)] if args.batch_size else []
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads_per_rank)}
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads_per_rank), "PYTHONFAULTHANDLER": "1"}  # a crash's stack
     try:
         done = subprocess.run(command, capture_output=True, text=True, env=env)
         if done.returncode != 0 or not result.exists():
             lines = (done.stdout + done.stderr).strip().splitlines()
-            errors = [line for line in lines if "Error" in line][-3:]  # the rank's exception, above torchrun's summary
+            # the rank's exception or abort ("terminate called ...") comes first, torchrun's ChildFailedError after
+            errors = [line for line in lines if FAILURE_LINE.search(line)][:3]
             detail = "\n".join(errors + lines[-4:])
             raise RuntimeError(f"training benchmark job failed ({' '.join(command)}):\n{detail}")
         return json.loads(result.read_text())

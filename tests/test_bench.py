@@ -3,6 +3,7 @@
 No timing is asserted: only that each benchmark measured what it says (rows, counts, ratios) and that the
 document holds every record's table, including a record measured on another machine (a GPU).
 """
+import argparse
 import json
 
 import pytest
@@ -95,3 +96,13 @@ def test_report_renders_every_record_and_one_from_another_machine(quick_run, tmp
     assert rendered.count("### Run of ") == 5
     training_section = rendered.split(f"## {training.TITLE}")[1].split("\n## ")[0]
     assert training_section.count("### Run of ") == 2 and "on NVIDIA H100 80GB HBM3" in training_section
+
+
+def test_a_failed_training_job_reports_the_ranks_own_error_first(tmp_path):
+    args = argparse.Namespace(backend="gloo", epochs=1, batch_size=None, threads_per_rank=1)
+    with pytest.raises(RuntimeError) as failed:
+        training.run_once(tmp_path / "missing", "arrow", 1, "off", args)
+    detail = str(failed.value).split("\n")
+    assert detail[0].startswith("training benchmark job failed")
+    # the rank's own message, not torchrun's ChildFailedError
+    assert detail[1] == f"[rank0]: FileNotFoundError: {tmp_path / 'missing'}: no Parquet files"
