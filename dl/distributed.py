@@ -97,9 +97,11 @@ def leave_together(device: torch.device, timeout_s: float = 30.0) -> None:
     """
     token = torch.zeros(1, device=device)
     dist.all_reduce(token)
+    token.item()  # NCCL returns once the all-reduce is queued: wait until it has run, as barrier() did
+    if dist.get_backend() != "gloo":  # seen with gloo; NCCL is shut down by destroy_process_group (no GPU here)
+        return
     if not wait_released(token, timeout_s):
-        log.warning("the %s backend still holds the last collective after %gs; leaving anyway",
-                    dist.get_backend(), timeout_s)
+        log.warning("gloo still holds the last collective after %gs; leaving anyway", timeout_s)
 
 
 @contextmanager
