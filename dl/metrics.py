@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import scipy.stats
 import torch
 from sklearn import metrics as skm
 
@@ -169,14 +170,46 @@ class AnomalyMeter:
         return metrics, {"scores": scores, "anomalous": anomalous if labelled else None}
 
 
+def contingency_metrics(contingency: np.ndarray) -> dict[str, float]:
+    """NMI (arithmetic-mean normalization) and ARI from a [classes, clusters] table of row counts: what
+    `normalized_mutual_info_score` and `adjusted_rand_score` give for the rows counted, without the rows."""
+    counts = np.asarray(contingency, dtype=np.int64)
+    counts = counts[counts.sum(axis=1) > 0][:, counts.sum(axis=0) > 0]  # the classes and clusters that occur
+    return {"nmi": _nmi(counts), "ari": _ari(counts)}
+
+
+def _nmi(counts: np.ndarray) -> float:
+    if counts.shape[0] == counts.shape[1] <= 1:
+        return 1.0  # neither labelling splits the rows: a perfect match
+    mutual = skm.mutual_info_score(None, None, contingency=counts)
+    if mutual == 0:
+        return 0.0
+    mean_entropy = (scipy.stats.entropy(counts.sum(axis=1)) + scipy.stats.entropy(counts.sum(axis=0))) / 2
+    return float(mutual / max(mean_entropy, np.finfo(np.float64).eps))
+
+
+def _ari(counts: np.ndarray) -> float:
+    """From the pair counts (ordered pairs of distinct rows), in Python integers: a product of pair counts of 10M
+    rows overflows int64."""
+    rows, same_both = int(counts.sum()), int((counts ** 2).sum())
+    same_class = int(counts.sum(axis=1) @ counts.sum(axis=1))
+    same_cluster = int(counts.sum(axis=0) @ counts.sum(axis=0))
+    together = same_both - rows  # same class and same cluster
+    cluster_only, class_only = same_cluster - same_both, same_class - same_both
+    apart = rows ** 2 - cluster_only - class_only - same_both
+    if cluster_only == 0 and class_only == 0:
+        return 1.0
+    return 2.0 * (together * apart - class_only * cluster_only) / (
+        (together + class_only) * (class_only + apart) + (together + cluster_only) * (cluster_only + apart))
+
+
 def clustering_metrics(clusters: np.ndarray, labels: np.ndarray | None = None, embeddings: np.ndarray | None = None,
                        silhouette_rows: int = 5000, seed: int = 0) -> dict[str, float]:
     """NMI and ARI of `clusters` against `labels` (when given); silhouette of the clusters in `embeddings` (when
     given; on a seeded sample of `silhouette_rows` rows when there are more; NaN with fewer than 2 clusters)."""
     metrics: dict[str, float] = {}
     if labels is not None:
-        metrics["nmi"] = float(skm.normalized_mutual_info_score(labels, clusters))
-        metrics["ari"] = float(skm.adjusted_rand_score(labels, clusters))
+        metrics.update(contingency_metrics(skm.cluster.contingency_matrix(labels, clusters)))
     if embeddings is not None:
         separable = 1 < len(np.unique(clusters)) < len(clusters)
         sample = silhouette_rows if len(clusters) > silhouette_rows else None

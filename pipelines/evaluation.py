@@ -1,8 +1,9 @@
 """Quality of a predictions table, per task, counted by Spark where counts suffice.
 
-Classification: only the K x K confusion matrix reaches the driver. Regression: sums of errors. Anomaly: the
-call at the threshold is counted by Spark; AUROC/AUPRC need every row's score, so (label, score) pairs of the
-scored split are collected (the test split, small by construction).
+Classification: only the K x K confusion matrix reaches the driver. Regression: sums of errors. Clustering: the
+(label, cluster) contingency table and the mean distance. Anomaly: the call at the threshold is counted by Spark;
+AUROC/AUPRC need every row's score in order, so (label, score) pairs of the scored split are collected (a flag
+and a double a row: the 1.5M test rows of a 10M-row dataset take 14 MB).
 
 A `label` is a class index into the model's classes (the dataset contract) or a class name. Rows whose label is
 not one of the model's classes (a class never seen in training, an index out of range, a null) are counted by
@@ -18,7 +19,7 @@ from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql.types import StringType
 
-from dl.metrics import classification_metrics, clustering_metrics, ranking_metrics, regression_metrics
+from dl.metrics import classification_metrics, contingency_metrics, ranking_metrics, regression_metrics
 from pipelines.dataset import encode_labels
 from pipelines.errors import DataError
 
@@ -106,13 +107,23 @@ def anomaly_report(predictions: DataFrame, normal_index: int) -> dict[str, float
     }
 
 
+def contingency_from_predictions(predictions: DataFrame) -> np.ndarray:
+    """[labels, clusters] counts of (`label`, `cluster`) pairs, each in sorted order of its distinct values."""
+    counts = predictions.groupBy("label", "cluster").count().collect()
+    labels = {value: i for i, value in enumerate(sorted({row["label"] for row in counts}, key=str))}
+    clusters = {value: i for i, value in enumerate(sorted({row["cluster"] for row in counts}, key=str))}
+    contingency = np.zeros((len(labels), len(clusters)), dtype=np.int64)
+    for row in counts:
+        contingency[labels[row["label"]], clusters[row["cluster"]]] = row["count"]
+    return contingency
+
+
 def clustering_report(predictions: DataFrame) -> dict[str, float]:
-    """NMI and ARI of `cluster` against `label` (when the table has one; rows collected: the test split is small),
-    and the mean `distance` to the assigned centroid."""
-    labelled = "label" in predictions.columns
-    rows = predictions.select("cluster", "distance", *(["label"] if labelled else [])).toPandas()
-    labels = rows["label"].to_numpy() if labelled else None
-    return {**clustering_metrics(rows["cluster"].to_numpy(), labels), "distance_mean": float(rows["distance"].mean())}
+    """NMI and ARI of `cluster` against `label` (when the table has one), and the mean `distance` to the assigned
+    centroid."""
+    metrics = contingency_metrics(contingency_from_predictions(predictions)) if "label" in predictions.columns else {}
+    distance = predictions.agg(F.avg("distance")).first()[0]
+    return {**metrics, "distance_mean": float("nan") if distance is None else float(distance)}
 
 
 def predictions_report(predictions: DataFrame, task: str, classes: list[str], normal_label: str | None = None) -> dict:

@@ -18,12 +18,13 @@ from dl.clustering import DecLoss, DecNetwork, soft_assignment, target_distribut
 from dl.dec import fit_dec, kmeans_centroids
 from dl.distributed import distributed
 from dl.losses import build_loss
-from dl.metrics import ClusteringMeter
+from dl.metrics import ClusteringMeter, contingency_metrics
 from dl.models import build_model
 from dl.petastorm_reader import split_dir
 from dl.tasks import ClusteringTask, build_task
 from jobs.config import DecConf, LossConf, TrainConf
 from jobs.sample import write_digits
+from pipelines.evaluation import clustering_report
 from test_cli import dlpipe
 from test_tasks import CLASSES, WIDTH, write_tables
 from test_training import _set_rank_env, run_ranks
@@ -78,6 +79,32 @@ def test_network_assigns_the_nearest_centroid_and_serves_it_with_its_distance():
     served = ClusteringTask(TINY, CLASSES).serve(out, features, {})
     assert np.array_equal(served["cluster"], out.q.argmax(dim=1).numpy())
     np.testing.assert_allclose(served["distance"], out.distance.min(dim=1).values.detach().numpy())
+
+
+@pytest.mark.parametrize("case", ["random", "same", "renamed", "one cluster", "one row", "every row its own"])
+def test_nmi_and_ari_from_the_counts_equal_sklearn_on_the_rows(case):
+    rng = np.random.default_rng(len(case))
+    labels = rng.integers(0, 4, 200)
+    clusters = {"random": rng.integers(0, 5, 200), "same": labels, "renamed": (labels + 1) % 4 * 10,
+                "one cluster": np.zeros(200, np.int64), "one row": labels[:1],
+                "every row its own": np.arange(200)}[case]
+    labels = labels[:len(clusters)]
+    got = contingency_metrics(skm.cluster.contingency_matrix(labels, clusters))
+    assert got["nmi"] == pytest.approx(skm.normalized_mutual_info_score(labels, clusters), abs=1e-12)
+    assert got["ari"] == pytest.approx(skm.adjusted_rand_score(labels, clusters), abs=1e-12)
+
+
+def test_clustering_report_counts_label_and_cluster_pairs_in_spark(spark):
+    rng = np.random.default_rng(3)
+    labels, clusters, distances = rng.integers(0, 3, 500), rng.integers(0, 4, 500), rng.random(500)
+    clusters[:300] = labels[:300]  # partly right, so both scores are far from 0 and 1
+    rows = list(zip(labels.tolist(), clusters.tolist(), distances.tolist()))
+    predictions = spark.createDataFrame(rows, "label long, cluster int, distance double").repartition(3)
+    got = clustering_report(predictions)
+    assert got["nmi"] == pytest.approx(skm.normalized_mutual_info_score(labels, clusters), abs=1e-12)
+    assert got["ari"] == pytest.approx(skm.adjusted_rand_score(labels, clusters), abs=1e-12)
+    assert 0.1 < got["ari"] < 0.9 and got["distance_mean"] == pytest.approx(distances.mean(), abs=1e-12)
+    assert clustering_report(predictions.drop("label")).keys() == {"distance_mean"}
 
 
 def test_dec_settings_are_checked():
