@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +39,11 @@ HASH_BUCKETS = 10_000
 SEED = 42
 CHUNK = 1_000_000
 ENGINES = ("dlpipe-spark", "pandas", "polars")  # the job, three ways
-FLOOR = "spark-read-write"  # not the job: the floor under any Spark version of it (run_spark_floor)
+# Not the job: Spark's own read and write of the same rows, the floor under any Spark version of it (spark_floor).
+# Parsing alone (a sink that discards rows), parsing and writing Parquet as Spark does by default (dictionary
+# encoding on, as pandas and polars write), and writing with dictionary encoding off.
+FLOORS = {"spark-read": ("noop", True), "spark-read-write": ("parquet", True),
+          "spark-read-write-plain": ("parquet", False)}
 TITLE = "ETL: CSV -> checked, split, normalized Parquet (dlpipe's Spark ETL vs pandas and polars)"
 METHOD = f"""\
 - **Data**: a generated CSV (one file) of N rows: `id` (long key), 20 numeric columns (3 decimals), 2 categorical
@@ -51,9 +56,11 @@ METHOD = f"""\
   checks, quarantine Parquet with a reason, a hash split of the key 70/15/15, train-only z-score and vocabularies,
   one Parquet file per split with `features` as list<float>). The pandas/polars versions read the whole CSV into
   memory at once, as a first version would.
-- **The floor** (`spark-read-write`, not the job): Spark reading the same CSV with its declared types and writing
-  it back as Parquet, in the session dlpipe's run gets, with no checks, quarantine, split, statistics or features.
-  Any Spark version of the job takes at least this long: it must read and parse the CSV and write every row.
+- **The floors** (not the job): Spark reading the same CSV with its declared types, in the session dlpipe's run
+  gets, with no checks, quarantine, split, statistics or features: `spark-read` discards the rows (the `noop`
+  sink: the parse alone), `spark-read-write` writes them as Parquet with Spark's defaults (snappy, dictionary
+  encoding on: what pandas and polars write too), `spark-read-write-plain` with dictionary encoding off. Any
+  Spark version of the job must at least parse the CSV and write every row.
 - **Timing**: each run is a fresh process; seconds are measured inside it from the start of the job (the Spark
   session start included) to the last file written. Small sizes take the median of the repeats, run round-robin;
   10M rows run once per engine (pandas alone needs minutes and ~10 GB of the shared machine's memory).
@@ -71,35 +78,40 @@ memory, and Spark's seconds growing linearly from 1M to 10M rows. The spec's anc
 this job: 10M rows pandas 135 s / 10.3 GB, polars 52 s / 4.8 GB, a straightforward Spark job 113 s / 1.3 GB
 JVM; 1M rows pandas 12.3 s, polars 4.4 s, Spark 31 s.
 
-**Where it stands (record above, 2026-11-23 09:36-09:49 UTC, load average 2.9, at most 3.7): the speed goal
-is not met, and on this machine no Spark job can meet it.** The floor row (`spark-read-write`: only reading the
-CSV with its types and writing it as Parquet) runs at 0.53x polars' rows/s at 10M rows, below the 0.6x goal
-before a single check, split or statistic. dlpipe's ETL takes 187 s, 2.5x the floor (0.21x polars, 0.39x
-pandas); the previous record had 233 s and 2.8x. Memory: with `spark.driver_memory: 1g` the 10M-row job
-completes at a peak of 1.7 GB (summed PSS, Python + JVM), 0.17 of pandas' 10.2 GB (goal: under a quarter, met);
-with the default 2g the peak is 2.8 GB (0.27, not met). Growth from 1M to 10M rows is sub-linear (52 s -> 187 s:
-the JVM start, the MLflow store, ~25 Spark jobs' planning and code generation are fixed costs). The shared host
-varies by the hour: the same 10M-row `run_etl` took 146 s at 09:33 UTC, 173 s at 09:15; compare rows within one
-record only.
+**Where it stands (record above, 2026-11-23 17:37-17:54 UTC, load average 2.5, at most 3.3): the speed goal is
+not met: dlpipe's ETL runs at 0.32x polars' rows/s at 10M rows (196.6 s against 62.5 s; 0.6x would be 104 s).**
+Memory: with `spark.driver_memory: 1g` the 10M-row job completes at a peak of 1.7 GB (summed PSS, Python + JVM),
+0.17 of pandas' 10.2 GB (goal: under a quarter, met); with the default 2g the peak is 2.8 GB (0.27, not met).
+Growth from 1M to 10M rows is sub-linear (56 s -> 197 s: the JVM start, the MLflow store, ~25 Spark jobs'
+planning and code generation are fixed costs).
 
-What changed in this round:
-- **The dataset is written in one scan, with no sort.** Before, each split was spread round-robin over its
-  files (three shuffles, each reading the kept rows), and Spark's partitioned writer then sorted every row by
-  split. Now an input of at least `files_per_split` partitions has its partitions merged (`coalesce`: no
-  shuffle), and during the write `spark.sql.maxConcurrentOutputFileWriters` is 3 (one open file per split), so
-  no row is sorted. A smaller input (the digits images) is still spread round-robin per split: its files are
-  identical to before. Event-log timeline, 10M rows: write 51 s (a slow hour) -> 23-31 s.
-- **The quality report and the split-size check share one pass** (rows per split and class come from the
-  report): 4.5 s + 8.9 s -> 8.1 s.
-- **The digits CNN no longer rides on the rows' order.** The previous config scored 0.981-0.989 test accuracy
-  over 3 seeds x 2 file layouts (target 0.985), which is why an earlier one-scan write was reverted. The config
-  with the best mean val accuracy of 8 candidates (cosine learning rate, label smoothing 0.1, 60 epochs) scores
-  0.989-0.996 on the same runs.
-- **Tried and dropped**: shuffling the keys before counting them (Spark still plans a partial and a final count,
-  both after the shuffle: no saving); Parquet without dictionary encoding (rewriting the 10M-row dataset: 15.4 s
-  against 17.3 s, within noise).
+**The floors now show the gap is dlpipe's own passes, not Spark's reading and writing.** The previous record
+(an Intel Xeon host; this one is an AMD EPYC, so compare ratios within one record only) had a single floor,
+Spark reading and writing the CSV as Parquet, at 0.53x polars, and said no Spark job could meet the goal here.
+This record splits the floor: Spark parses the 10M-row CSV in 35.7 s (`spark-read`, 1.75x polars' rows/s for
+its whole job), and reads and writes it as Parquet in 64.6 s (0.97x polars), 44.4 s with dictionary encoding
+off. That leaves a Spark version of the job 40 s (104 s - 64.6 s) for its checks, quarantine, split,
+statistics and features: the goal is not ruled out on this host. dlpipe's job takes 3.0x the floor.
 
-Where the 10M-row seconds go now (event-log timeline of the 146 s run): start (JVM, MLflow store, planning)
+Measured this round, not adopted (one 10M-row run each, back to back, same host, noop sink unless said):
+- **Parsing the CSV with pyarrow inside Spark tasks** (`mapInArrow` over 64 MB byte ranges of the file, each
+  task cutting at line ends): 18.6 s against Spark's own reader 20.9 s; 48.3 s against 57.4 s when writing
+  Parquet. Not worth a second CSV reader and its own handling of malformed lines.
+- **Where the read-and-check pass goes**: reading with dlpipe's checks takes 39 s, 23.5 s with every reason
+  replaced by null (Spark then drops the checks): the checks cost ~15 s. A single chain of cheap tests that
+  clears a clean row before the per-column reasons: 41.1 s (no gain). Not copying the reader-parsed columns
+  into `_raw_` columns (a 50-column projection becomes 29): 40.2 / 35.6 s against 39.4 / 38.8 s (within noise).
+- Keeping the checked rows costs 10 s more (53 s), on disk or as uncompressed Parquet alike.
+
+What changed in this round: the floor rows (`spark-read`, `spark-read-write-plain`) and the clustering report's
+NMI/ARI counted by Spark (no row collected). Previous round: the dataset written in one scan with no sort
+(`spark.sql.maxConcurrentOutputFileWriters`: write 51 s -> 23-31 s); the quality report and the split-size check
+in one pass (4.5 s + 8.9 s -> 8.1 s); the digits CNN config chosen on val (0.989-0.996 test accuracy over 3
+seeds x 2 file layouts). Tried and dropped then: shuffling the keys before counting them (no saving); Parquet
+without dictionary encoding for the dataset (rewriting the 10M-row dataset: 15.4 s against 17.3 s, within
+noise: its z-scored floats share one list column).
+
+Where the 10M-row seconds went (event-log timeline of a 146 s run, previous round): start (JVM, MLflow store, planning)
 11 s; read, check and keep the rows, with the key count's first half, 56 s; the rest of the duplicate-key
 detection 15 s; quarantine write 9 s; quality report and split sizes 8 s; scaler 9 s; vocabularies 4.4 s;
 dataset write 23 s; gaps between jobs ~10 s. A pass over the kept rows costs 2-7 s (one column to all of
@@ -275,9 +287,10 @@ def run_polars(csv: Path, out: Path) -> dict:
     return {"rows_in": df.height, "rows_clean": clean.height, "rows_quarantined": quarantined.height, **counts}
 
 
-def run_spark_floor(csv: Path, out: Path) -> dict:
-    """Spark reading the CSV with its declared types and writing it as Parquet, nothing else (no checks, quarantine,
-    split, statistics or features), in the session dlpipe's run gets: the floor under any Spark version of the job."""
+def spark_floor(csv: Path, out: Path, sink: str, dictionary: bool) -> dict:
+    """Spark reading the CSV with its declared types and writing it to `sink` (`noop` discards the rows; `parquet`
+    with or without dictionary encoding), nothing else (no checks, quarantine, split, statistics or features), in
+    the session dlpipe's run gets: a floor under any Spark version of the job."""
     from pyspark.sql import Observation
     from pyspark.sql import functions as F
 
@@ -289,11 +302,14 @@ def run_spark_floor(csv: Path, out: Path) -> dict:
     declared = [("id", "long"), *[(name, "double") for name in NUMERIC], *[(name, "string") for name in CATEGORIES]]
     rows = Observation("rows")
     table = spark.read.schema(", ".join(f"{n} {t}" for n, t in declared)).csv(str(csv), header=True)
-    table.observe(rows, F.count(F.lit(1)).alias("rows_in")).write.parquet(str(out / "table"))
+    writer = table.observe(rows, F.count(F.lit(1)).alias("rows_in")).write.format(sink)
+    writer.option("parquet.enable.dictionary", str(dictionary).lower()).mode("overwrite").save(str(out / "table"))
     return rows.get
 
 
-RUNNERS = {"dlpipe-spark": run_dlpipe, "pandas": run_pandas, "polars": run_polars, FLOOR: run_spark_floor}
+RUNNERS = {"dlpipe-spark": run_dlpipe, "pandas": run_pandas, "polars": run_polars,
+           **{name: partial(spark_floor, sink=sink, dictionary=dictionary)
+              for name, (sink, dictionary) in FLOORS.items()}}
 
 
 def worker(engine: str, csv: Path, out: Path, result: Path, driver_memory: str) -> None:
