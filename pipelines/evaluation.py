@@ -107,23 +107,26 @@ def anomaly_report(predictions: DataFrame, normal_index: int) -> dict[str, float
     }
 
 
-def contingency_from_predictions(predictions: DataFrame) -> np.ndarray:
-    """[labels, clusters] counts of (`label`, `cluster`) pairs, each in sorted order of its distinct values."""
-    counts = predictions.groupBy("label", "cluster").count().collect()
+def _contingency(counts: list) -> np.ndarray:
+    """[labels, clusters] row counts from (label, cluster, rows) rows, each axis in sorted order of its values."""
     labels = {value: i for i, value in enumerate(sorted({row["label"] for row in counts}, key=str))}
     clusters = {value: i for i, value in enumerate(sorted({row["cluster"] for row in counts}, key=str))}
-    contingency = np.zeros((len(labels), len(clusters)), dtype=np.int64)
+    table = np.zeros((len(labels), len(clusters)), dtype=np.int64)
     for row in counts:
-        contingency[labels[row["label"]], clusters[row["cluster"]]] = row["count"]
-    return contingency
+        table[labels[row["label"]], clusters[row["cluster"]]] = row["rows"]
+    return table
 
 
 def clustering_report(predictions: DataFrame) -> dict[str, float]:
     """NMI and ARI of `cluster` against `label` (when the table has one), and the mean `distance` to the assigned
-    centroid."""
-    metrics = contingency_metrics(contingency_from_predictions(predictions)) if "label" in predictions.columns else {}
-    distance = predictions.agg(F.avg("distance")).first()[0]
-    return {**metrics, "distance_mean": float("nan") if distance is None else float(distance)}
+    centroid, from one Spark aggregation: rows and distance sums per (label, cluster)."""
+    labelled = "label" in predictions.columns
+    counts = predictions.groupBy(*(["label"] if labelled else []), "cluster").agg(
+        F.count(F.lit(1)).alias("rows"), F.sum("distance").alias("distance_sum"), F.count("distance").alias("distances"),
+    ).collect()
+    distances = sum(row["distances"] for row in counts)
+    distance_mean = sum(row["distance_sum"] or 0.0 for row in counts) / distances if distances else float("nan")
+    return {**(contingency_metrics(_contingency(counts)) if labelled else {}), "distance_mean": distance_mean}
 
 
 def predictions_report(predictions: DataFrame, task: str, classes: list[str], normal_label: str | None = None) -> dict:
