@@ -5,6 +5,7 @@ the split, the fitted preprocessing, the quality report and the writer.
 """
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 from pyspark.sql import Column, DataFrame, Observation, SparkSession
@@ -79,7 +80,7 @@ def _image_etl(spark: SparkSession, cfg: PipelineConfig) -> dict:
 def _table_etl(spark: SparkSession, cfg: PipelineConfig) -> dict:
     source = cfg.source
     files = tables.source_files(source.path)
-    with tables.checked_table(spark, source, files) as checked:  # the input is read and checked once
+    with tables.checked_table(spark, source, files, _scratch(cfg)) as checked:  # read and checked once
         counts, reasons = _quarantine(checked, tables.is_clean(), cfg)
         tables.check_duplicates(reasons, source)
         numeric, categorical = tables.feature_columns(source)
@@ -87,7 +88,7 @@ def _table_etl(spark: SparkSession, cfg: PipelineConfig) -> dict:
         clean, classes = _encoded_labels(clean, source.label)
         rows, balance, quality = _split(clean, classes, cfg, counts["rows_clean"], _quality_columns(source))
         train = _train(rows)
-        scaler = fit_scaler(train, "raw_features", cfg.normalize, group_size=1, names=numeric)
+        scaler = fit_scaler(train, tables.raw_feature_values(numeric), cfg.normalize, group_size=1, names=numeric)
         vocabularies = fit_vocabularies(train, categorical, (UNKNOWN_CATEGORY,), oov_id=0)
         indexed = rows.select("*", *[v.index(F.col(n)).alias(f"{n}_index") for n, v in vocabularies.items()])
         dataset = dataset_columns(
@@ -116,13 +117,13 @@ def _timeseries_etl(spark: SparkSession, cfg: PipelineConfig) -> dict:
     if cfg.split.method != "time" or cfg.split.time_column != source.time_column:
         raise DataError(f"a time series needs split.method time with split.time_column '{source.time_column}'")
     files = tables.source_files(source.path)
-    with tables.checked_table(spark, source, files) as checked:
+    with tables.checked_table(spark, source, files, _scratch(cfg)) as checked:
         counts, reasons = _quarantine(checked, tables.is_clean(), cfg)
         tables.check_duplicates(reasons, source)
         inputs = source.input_columns
         clean = tables.with_raw_features(checked.where(tables.is_clean()), inputs)
         steps, _, quality = _split(clean, [], cfg, counts["rows_clean"], _quality_columns(source))
-        scaler = fit_scaler(_train(steps), "raw_features", cfg.normalize, group_size=1, names=inputs)
+        scaler = fit_scaler(_train(steps), tables.raw_feature_values(inputs), cfg.normalize, 1, names=inputs)
         scaled = scaler.transform(steps, "raw_features", "features")
         windows = sliding_windows(scaled, window, source.time_column, source.series_key, source.target)
         dataset = dataset_columns(windows, cfg.output.keep_raw, labelled=False, extra=("target",))
@@ -154,7 +155,8 @@ def _timeseries_etl(spark: SparkSession, cfg: PipelineConfig) -> dict:
 def _text_etl(spark: SparkSession, cfg: PipelineConfig) -> dict:
     source = cfg.source
     files = tables.source_files(source.path)
-    with tables.checked_table(spark, source, files, check=lambda rows: text.tokenize(rows, source)) as checked:
+    tokenized = partial(text.tokenize, source=source)
+    with tables.checked_table(spark, source, files, _scratch(cfg), check=tokenized) as checked:
         counts, reasons = _quarantine(checked, tables.is_clean(), cfg)
         tables.check_duplicates(reasons, source)
         clean, classes = _encoded_labels(checked.where(tables.is_clean()), source.label)
@@ -224,6 +226,11 @@ def _train(rows: DataFrame) -> DataFrame:
 def _quality_columns(source: tables.FileSource) -> list[str]:
     """The declared columns the quality report describes: all but a single key column (it is `id`)."""
     return [c.name for c in source.columns if c.name != source.key]
+
+
+def _scratch(cfg: PipelineConfig) -> Path:
+    """Where the checked rows are kept while the ETL runs (a folder next to this path, removed after)."""
+    return cfg.run_dir / "checked"
 
 
 def _source_root(source: tables.FileSource) -> Path:

@@ -59,10 +59,7 @@ def atomic_directory(target: Path) -> Iterator[Path]:
     lock or `output_lock(target)`: another live writer's staging folder would go too.
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    for stale in target.parent.glob(f".{target.name}.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    staging = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
+    staging = _fresh_staging(target)
     try:
         yield staging
         previous = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
@@ -72,6 +69,27 @@ def atomic_directory(target: Path) -> Iterator[Path]:
         shutil.rmtree(previous, ignore_errors=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextmanager
+def scratch_directory(target: Path) -> Iterator[Path]:
+    """Yield a temp directory next to `target` for intermediate files, removed when the block ends (even on error).
+
+    Like `atomic_directory`, it first removes the folders a killed earlier run left: hold the pipeline lock.
+    """
+    scratch = _fresh_staging(Path(target))
+    try:
+        yield scratch
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _fresh_staging(target: Path) -> Path:
+    """A new `.<name>.tmp-<id>` path next to `target` (not created), after removing the ones earlier writers left."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in target.parent.glob(f".{target.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    return target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
 
 
 def write_text_atomic(path: Path, text: str) -> None:

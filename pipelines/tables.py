@@ -18,7 +18,7 @@ from pyspark.sql import functions as F
 from pyspark.sql.types import DoubleType, FloatType, StringType, StructField, StructType
 
 from jobs.config import ColumnSpec, TableSource, TextSource, TimeSeriesSource
-from pipelines.caching import cached, materialized
+from pipelines.caching import kept_as_parquet, materialized
 from pipelines.errors import DataError
 from pipelines.quarantine import is_quarantined
 from pipelines.spark import small_generated_methods
@@ -233,42 +233,56 @@ def ingest_table(spark: SparkSession, source: FileSource, files: list[Path],
 
 
 @contextmanager
-def checked_table(spark: SparkSession, source: FileSource, files: list[Path],
+def checked_table(spark: SparkSession, source: FileSource, files: list[Path], scratch: Path,
                   check: Callable[[DataFrame], DataFrame] | None = None) -> Iterator[DataFrame]:
     """The `ingest_table` rows with every repeated key marked, for the `with` block.
 
-    The input is read and checked once: the checked rows are kept on disk for the passes that follow (counts,
-    quarantine, split, fits, write) and released on exit. A clean row whose key an earlier clean row has (input
-    order: file, then position) gets the `DUPLICATE_KEY` reason; its record is its values as read into the
-    declared types (a key repeats on clean rows only). Keys are counted with a shuffle of the key alone; only
-    rows of repeated keys are ordered, and the few rows found are joined back (broadcast).
+    The input is read and checked once, into Parquet in a scratch folder next to `scratch` (removed on exit): the
+    passes that follow (counts, quarantine, split, fits, write) read from it the columns they need. A clean row whose
+    key an earlier clean row has (input order: file, then position) gets the `DUPLICATE_KEY` reason; its record is
+    its values as read into the declared types (a key repeats on clean rows only). Keys are counted with a shuffle
+    of the key alone; only rows of repeated keys are ordered, and the few rows found are joined back (broadcast).
     """
     with ExitStack() as kept:
-        with small_generated_methods(spark):  # planned now, run by the first pass over `rows` (the key count)
-            rows = kept.enter_context(cached(ingest_table(spark, source, files, check)))
-            clean = rows.where(is_clean())
-            keys, repeated = kept.enter_context(
-                materialized(clean.groupBy("id").count().where(F.col("count") > 1).select("id")))
+        with small_generated_methods(spark):  # the checks run as the rows are written
+            rows = kept.enter_context(kept_as_parquet(ingest_table(spark, source, files, check), scratch,
+                                                      dictionary=_few_values(source)))
+        clean = rows.where(is_clean())
+        keys, repeated = kept.enter_context(
+            materialized(clean.groupBy("id").count().where(F.col("count") > 1).select("id")))
         if not repeated:
             yield rows
             return
         earlier = Window.partitionBy("id").orderBy("source_file", "position")
-        candidates = clean.join(keys, "id", "left_semi").select("id", "source_file", "position")
+        candidates = clean.join(keys, "id", "left_semi")
         ordered = candidates.withColumn("_repeat", F.row_number().over(earlier) > 1)
-        later = ordered.where("_repeat").select("id", "position", "_repeat")
+        later = ordered.where("_repeat").select("position", _repeat_record(source))  # a row's position is unique
         with materialized(later) as (repeats, _):
-            yield _with_repeats_marked(rows.join(repeats, ["id", "position"], "left"), source)
+            yield _with_repeats_marked(rows.join(repeats, "position", "left"))
 
 
-def _with_repeats_marked(rows: DataFrame, source: FileSource) -> DataFrame:
-    """Rows joined to `_repeat` (true on a later row of a repeated key) -> the same rows, repeats quarantined."""
-    repeat = F.col("_repeat").isNotNull()
+def _few_values(source: FileSource) -> list[str]:
+    """The checked columns expected to hold few distinct values: the file, the reason and the declared strings."""
+    return ["source_file", "reason", *[c.name for c in source.columns if c.type == "string" and c.name != source.key]]
+
+
+def _repeat_record(source: FileSource) -> Column:
+    """`_repeat_record`: a clean row's values as read into the declared types, as JSON text (its quarantine record)."""
     values = [(F.col("id") if c.name == source.key else F.col(c.name)).cast("string").alias(c.name)
               for c in source.columns]
+    return F.to_json(F.struct(*values)).alias("_repeat_record")
+
+
+def _with_repeats_marked(rows: DataFrame) -> DataFrame:
+    """Rows joined to `_repeat_record` (set on a later row of a repeated key) -> the same rows, repeats quarantined.
+
+    The records were made for the repeats alone, so a pass over every row reads none of their other columns.
+    """
+    repeat = F.col("_repeat_record")
     return rows.withColumns({
-        "reason": F.when(repeat, F.lit(DUPLICATE_KEY)).otherwise(F.col("reason")),
-        "record": F.when(repeat, F.to_json(F.struct(*values))).otherwise(F.col("record")),
-    }).drop("_repeat")
+        "reason": F.when(repeat.isNotNull(), F.lit(DUPLICATE_KEY)).otherwise(F.col("reason")),
+        "record": F.coalesce(repeat, F.col("record")),
+    }).drop("_repeat_record")
 
 
 def is_clean() -> Column:
@@ -293,6 +307,11 @@ def feature_columns(source: TableSource) -> tuple[list[str], list[str]]:
     return numeric, categorical
 
 
+def raw_feature_values(numeric: list[str]) -> list[Column]:
+    """The elements of `raw_features`: the numeric columns as float, in declared order."""
+    return [F.col(name).cast("float") for name in numeric]
+
+
 def with_raw_features(rows: DataFrame, numeric: list[str]) -> DataFrame:
     """Add `raw_features`: the numeric columns as one array<float>, in declared order."""
-    return rows.withColumn("raw_features", F.array(*[F.col(name).cast("float") for name in numeric]))
+    return rows.withColumn("raw_features", F.array(*raw_feature_values(numeric)))

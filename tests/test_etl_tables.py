@@ -11,6 +11,7 @@ import pytest
 
 from jobs.config import PipelineConfig, validate_config
 from jobs.etl import UNKNOWN_CATEGORY, run_etl
+from pipelines.caching import kept_as_parquet
 from pipelines.errors import DataError
 from pipelines.scaling import FittedScaler
 from pipelines.spark import HUGE_METHOD_LIMIT, small_generated_methods
@@ -118,6 +119,7 @@ def test_every_bad_record_kind_is_quarantined_with_its_reason_and_counts_reconci
         "id": "43", "x": "abc", "y": "1", "color": "red", "shape": "square", "label": "a",
     }
     assert json.loads(by_reason[DUPLICATE_KEY])["id"] == "3"
+    assert not list(cfg.run_dir.glob(".checked*")), "the checked rows' scratch folder outlived the run"
 
 
 def test_manifest_describes_the_table_dataset(etl, csv_source):
@@ -230,3 +232,35 @@ def test_small_generated_methods_hold_only_inside_their_block(spark):
             assert spark.conf.get(HUGE_METHOD_LIMIT) == "8000"
             raise RuntimeError("inside")
     assert spark.conf.get(HUGE_METHOD_LIMIT) == before
+
+
+def _encodings(folder: Path) -> dict[str, set[str]]:
+    """Column -> the Parquet encodings its chunks use, over every file in `folder`."""
+    found: dict[str, set[str]] = {}
+    for path in folder.glob("*.parquet"):
+        metadata = pq.ParquetFile(path).metadata
+        for group in range(metadata.num_row_groups):
+            for i in range(metadata.num_columns):
+                chunk = metadata.row_group(group).column(i)
+                found.setdefault(chunk.path_in_schema, set()).update(chunk.encodings)
+    return found
+
+
+def test_kept_rows_read_back_whole_dictionary_encoded_only_where_asked_and_go_after_the_block(spark, tmp_path):
+    rows = [(i, ["red", "blue"][i % 2], float(i) / 3 if i % 7 else None, [i, -i]) for i in range(200)]
+    df = spark.createDataFrame(rows, "id long, colour string, x double, pair array<int>").repartition(3)
+    stale = tmp_path / ".kept.tmp-deadbeef"  # left by a killed run
+    stale.mkdir()
+    with pytest.raises(RuntimeError, match="a pass failed"):
+        with kept_as_parquet(df, tmp_path / "kept", dictionary=["colour"]) as kept:
+            (folder,) = tmp_path.glob(".kept.tmp-*")
+            assert folder != stale
+            assert sorted(kept.collect()) == sorted(df.collect())
+            assert kept.schema == df.schema
+            encodings = _encodings(folder)
+            assert "PLAIN_DICTIONARY" in encodings["colour"] or "RLE_DICTIONARY" in encodings["colour"]
+            assert not {e for name in ("id", "x") for e in encodings[name] if "DICTIONARY" in e}
+            raise RuntimeError("a pass failed")
+    assert not list(tmp_path.iterdir())
+    with kept_as_parquet(df.limit(0), tmp_path / "kept") as empty:
+        assert empty.count() == 0 and empty.schema == df.schema

@@ -62,6 +62,17 @@ def test_scaler_statistics_and_the_spark_and_numpy_paths_agree(train, conf, offs
         np.testing.assert_allclose(spark_scaled.max(axis=0), [high, high], atol=1e-6)
 
 
+@pytest.mark.parametrize("method, rtol", [("zscore", 1e-9), ("log1p", 1e-5)])
+def test_mean_and_deviation_keep_their_digits_far_from_zero(spark, method, rtol):
+    # 1e6 + noise of 0.01: a plain sum of squares (1e12 per row) would lose every digit of a 1e-4 variance
+    values = 1e6 + np.random.default_rng(5).normal(0, 0.01, size=3000)
+    train = spark.createDataFrame([(float(v),) for v in values], "x double").repartition(4)
+    scaler = fit_scaler(train, [scaling.F.col("x")], NormalizeConf(method=method, per="feature"), 1, names=["x"])
+    expected = np.sign(values) * np.log1p(np.abs(values)) if method == "log1p" else values
+    np.testing.assert_allclose(scaler.offset, [expected.mean()], rtol=1e-12)
+    np.testing.assert_allclose(scaler.scale, [expected.std()], rtol=rtol)
+
+
 def test_hash_split_is_deterministic_and_stable_when_rows_are_added_or_reordered(spark):
     conf = SplitConf(method="hash", seed=11)
     first = spark.createDataFrame([(f"k{i}",) for i in range(2000)], "id string").repartition(3)
