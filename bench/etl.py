@@ -72,58 +72,63 @@ METHOD = f"""\
   no help either: a child started from a big parent inherits the parent's peak across fork and exec.)
 - **1 GB driver**: at the largest size dlpipe's ETL runs once more with `spark.driver_memory: 1g` (the reliability
   issue's load bullet); the table says whether it completed."""
-NOTES = """\
-Goal (issue 3): at 10M rows dlpipe's Spark ETL >= 0.6x polars' rows/s with under a quarter of pandas' peak
+NOTES = """Goal (issue 3): at 10M rows dlpipe's Spark ETL >= 0.6x polars' rows/s with under a quarter of pandas' peak
 memory, and Spark's seconds growing linearly from 1M to 10M rows. The spec's anchors for a naive version of
 this job: 10M rows pandas 135 s / 10.3 GB, polars 52 s / 4.8 GB, a straightforward Spark job 113 s / 1.3 GB
 JVM; 1M rows pandas 12.3 s, polars 4.4 s, Spark 31 s.
 
-**Where it stands (record above, 2026-11-23 17:37-17:54 UTC, load average 2.5, at most 3.3): the speed goal is
-not met: dlpipe's ETL runs at 0.32x polars' rows/s at 10M rows (196.6 s against 62.5 s; 0.6x would be 104 s).**
-Memory: with `spark.driver_memory: 1g` the 10M-row job completes at a peak of 1.7 GB (summed PSS, Python + JVM),
-0.17 of pandas' 10.2 GB (goal: under a quarter, met); with the default 2g the peak is 2.8 GB (0.27, not met).
-Growth from 1M to 10M rows is sub-linear (56 s -> 197 s: the JVM start, the MLflow store, ~25 Spark jobs'
-planning and code generation are fixed costs).
+**Where it stands (record above, 2026-11-23 20:15-20:30 UTC, load average 2.8 on average, 5.7 at most,
+AMD EPYC host): the speed goal is still not met: dlpipe's ETL runs at 0.40x polars' rows/s at 10M rows
+(151.3 s against 60.8 s; 0.6x would be 101 s), up from 0.32x in the previous record (196.6 s against 62.5 s,
+same host type). The 1 GB-driver run took 142.0 s (0.43x).** Memory: with `spark.driver_memory: 1g` the 10M-row
+job peaks at 1.7 GB (summed PSS, Python + JVM), 0.17 of pandas' 10.3 GB (goal: under a quarter, met); with the
+default 2g at 2.8 GB (0.27, not met). Growth from 1M to 10M rows is sub-linear (54.6 s -> 151.3 s: the JVM
+start, the MLflow store and ~25 Spark jobs' planning and code generation are fixed costs).
 
-**The floors now show the gap is dlpipe's own passes, not Spark's reading and writing.** The previous record
-(an Intel Xeon host; this one is an AMD EPYC, so compare ratios within one record only) had a single floor,
-Spark reading and writing the CSV as Parquet, at 0.53x polars, and said no Spark job could meet the goal here.
-This record splits the floor: Spark parses the 10M-row CSV in 35.7 s (`spark-read`, 1.75x polars' rows/s for
-its whole job), and reads and writes it as Parquet in 64.6 s (0.97x polars), 44.4 s with dictionary encoding
-off. That leaves a Spark version of the job 40 s (104 s - 64.6 s) for its checks, quarantine, split,
-statistics and features: the goal is not ruled out on this host. dlpipe's job takes 3.0x the floor.
+**What changed this round: the job's shape.** Measured with Spark event-log timelines of the real job on the
+10M-row CSV (no memory sampler; same host, back to back): 149.0 s before, 131.8-135.9 s with the first two
+changes, 114.6 s with all three.
+- The checked rows are kept as scratch Parquet (`pipelines/caching.py::kept_as_parquet`), not as a DISK_ONLY
+  cache: a cache block is read whole, a Parquet pass reads only its columns. Dictionary encoding only for the
+  file, reason and declared string columns. The same passes over 10M checked rows, one script, cache then
+  Parquet: build 49.4 / 45.3 s, key count 14.1 / 8.9 s, quarantine 4.2 / 1.1 s, statistics 9.1 / 6.2 s,
+  vocabulary 3.0 / 1.1 s, write 18.5 / 16.1 s (total 102.1 / 81.9 s).
+- A repeated key's later rows get their quarantine record when they are found, so the quarantine pass reads 4
+  columns, not all of them: 9.2 s -> 1.7-3.3 s.
+- The z-score (and log1p) scaler sums (x - shift) and its square instead of running `stddev_pop`, the shift a
+  value from the first train rows (exact for a constant column; digits kept far from zero, tested against
+  numpy), on the numeric columns rather than elements of the built array: the scaler pass 10.4-13.6 s -> 4.6 s.
+  (Warm and alone, `stddev_pop` over 20 columns of 7M rows took 3.3 s; inside the job, as a freshly generated
+  class, 3x that.)
 
-Measured this round, not adopted (one 10M-row run each, back to back, same host, noop sink unless said):
-- **Parsing the CSV with pyarrow inside Spark tasks** (`mapInArrow` over 64 MB byte ranges of the file, each
-  task cutting at line ends): 18.6 s against Spark's own reader 20.9 s; 48.3 s against 57.4 s when writing
-  Parquet. Not worth a second CSV reader and its own handling of malformed lines.
-- **Where the read-and-check pass goes**: reading with dlpipe's checks takes 39 s, 23.5 s with every reason
-  replaced by null (Spark then drops the checks): the checks cost ~15 s. A single chain of cheap tests that
-  clears a clean row before the per-column reasons: 41.1 s (no gain). Not copying the reader-parsed columns
-  into `_raw_` columns (a 50-column projection becomes 29): 40.2 / 35.6 s against 39.4 / 38.8 s (within noise).
-- Keeping the checked rows costs 10 s more (53 s), on disk or as uncompressed Parquet alike.
+Where the seconds go now (timeline of the 114.6 s run): start (JVM, MLflow store) 8.8 s; read, check and
+write the scratch Parquet 43.4 s; duplicate keys 11.3 s (count 4.5, order the repeats 2.8, their records 4.0);
+quarantine 1.7 s; quality report 7.5 s; scaler 4.6 s; vocabularies 2.9 s; dataset write 25.9 s; small jobs and
+gaps ~8 s. The dataset write alone: 5.8 s to compute the rows (a `noop` sink), 16-21 s to write them; 16.2-17.7 s
+without the coalesce to `files_per_split` files (the contract needs it).
 
-What changed in this round: the floor rows (`spark-read`, `spark-read-write-plain`) and the clustering report's
-NMI/ARI counted by Spark (no row collected). Previous round: the dataset written in one scan with no sort
-(`spark.sql.maxConcurrentOutputFileWriters`: write 51 s -> 23-31 s); the quality report and the split-size check
-in one pass (4.5 s + 8.9 s -> 8.1 s); the digits CNN config chosen on val (0.989-0.996 test accuracy over 3
-seeds x 2 file layouts). Tried and dropped then: shuffling the keys before counting them (no saving); Parquet
-without dictionary encoding for the dataset (rewriting the 10M-row dataset: 15.4 s against 17.3 s, within
-noise: its z-scored floats share one list column).
+Measured this round, not adopted:
+- The scaler's aggregates inside the quality report's groupBy(split): 21.1 s against 6.1 + 7.6 s apart.
+- JVM flags for the generated code: C1 only (`-XX:TieredStopAtLevel=1`) 243 s; `-XX:CompileThresholdScaling=0.3`
+  120.5 and 143.9 s; with `-XX:+UseParallelGC` too 124.1 s: within the noise of the default's 131.8-134.2 s.
+- The dataset written without dictionary encoding: 22.1 / 21.0 s against 28.4 / 20.5 s (noise).
+- The benchmark's memory sampler (summed PSS of the process tree every 50 ms) itself takes ~30% of one of the
+  2 cores while it samples a JVM: the timelines above ran without it and are faster than the record's dlpipe
+  rows for that reason too. Every engine is sampled the same way; a cheaper sampler is future work.
 
-Where the 10M-row seconds went (event-log timeline of a 146 s run, previous round): start (JVM, MLflow store, planning)
-11 s; read, check and keep the rows, with the key count's first half, 56 s; the rest of the duplicate-key
-detection 15 s; quarantine write 9 s; quality report and split sizes 8 s; scaler 9 s; vocabularies 4.4 s;
-dataset write 23 s; gaps between jobs ~10 s. A pass over the kept rows costs 2-7 s (one column to all of
-them, measured alone), so the remaining passes are worth fusing further; the read and check pass alone is
-2x the floor's parse.
+Previous round: the floors (`spark-read`, `spark-read-write`, `spark-read-write-plain`; the 10M-row Spark
+parse 35.7 s, read and write 64.6 s, 44.4 s without dictionaries, polars 62.5 s) showed the gap was dlpipe's own
+passes. Measured and dropped then: parsing the CSV with pyarrow inside Spark tasks (18.6 s against 20.9 s for
+the parse; 48.3 against 57.4 s with Parquet written: not worth a second CSV reader); a chain of cheap tests to
+clear clean rows before the per-column reasons (41.1 s against 39 s); not copying reader-parsed columns into
+`_raw_` columns (within noise). The checks cost ~15 s of the read (39 s against 23.5 s with every reason null).
 
 Earlier rounds: the checks were planned as small generated methods (one 42 KB method ran in the JVM's
 interpreter; 85-93 s -> 33-44 s); CSV numbers are parsed by the reader and a flagged line re-split as text for
 its reasons; an uncompressed disk cache (64 s -> 41 s to build); rows counted during the quarantine write; the
 per-feature scaler aggregates in place; the checks cast each value once and build reason text only for bad rows;
 duplicate keys are found without a full-row shuffle; peak memory is measured as summed PSS (summed RSS counted a
-JVM caught between fork and exec twice)."""
+JVM caught between fork and exec twice); the checked rows kept on disk (DISK_ONLY; replaced this round)."""
 
 
 def ensure_csv(data_dir: str | Path, rows: int) -> Path:
