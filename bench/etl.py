@@ -64,12 +64,16 @@ METHOD = f"""\
 - **Timing**: each run is a fresh process; seconds are measured inside it from the start of the job (the Spark
   session start included) to the last file written. Small sizes take the median of the repeats, run round-robin;
   10M rows run once per engine (pandas alone needs minutes and ~10 GB of the shared machine's memory).
-- **Peak memory**: the summed PSS (proportional set size: a page shared by several processes counts once),
-  sampled every 50 ms over the process and all its descendants (Spark: the Python driver plus the driver JVM,
-  which runs the executors in `local` mode). Not the summed RSS: Hadoop's local file system starts small commands
-  (e.g. `chmod` on each output file) from the JVM, and a JVM caught between fork and exec counts the whole JVM
-  twice in RSS (that is how the previous records showed dlpipe at 4.9 and 5.4 GB). (The kernel's `ru_maxrss` is
-  no help either: a child started from a big parent inherits the parent's peak across fork and exec.)
+- **Peak memory**: the summed PSS (proportional set size: a page shared by several processes counts once) of
+  the process and all its descendants (Spark: the Python driver plus the driver JVM, which runs the executors in
+  `local` mode). The tree's RSS is read every 50 ms; its PSS only when that RSS has grown since the last PSS
+  reading, and no more often than keeps the sampler under 5% of one core: for PSS the kernel walks every page
+  of the process (~12 ms of CPU per GB), and read every 50 ms it took a third of a core from the runs it
+  measured (every record up to the one of 2026-11-23 20:15 UTC). Not the summed RSS: Hadoop's local file
+  system starts small commands (e.g. `chmod` on each output file) from the JVM, and a JVM caught between fork
+  and exec counts the whole JVM twice in RSS (that is how the previous records showed dlpipe at 4.9 and
+  5.4 GB). (The kernel's `ru_maxrss` is no help either: a child started from a big parent inherits the parent's
+  peak across fork and exec.)
 - **1 GB driver**: at the largest size dlpipe's ETL runs once more with `spark.driver_memory: 1g` (the reliability
   issue's load bullet); the table says whether it completed."""
 NOTES = """Goal (issue 3): at 10M rows dlpipe's Spark ETL >= 0.6x polars' rows/s with under a quarter of pandas' peak

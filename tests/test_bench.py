@@ -5,11 +5,14 @@ document holds every record's table, including a record measured on another mach
 """
 import argparse
 import json
+import subprocess
+import sys
 
 import pytest
 
 from bench import __main__ as bench_main
 from bench import etl, loader, report, scoring, training
+from bench.common import PeakRss
 
 
 @pytest.fixture(scope="module")
@@ -107,3 +110,30 @@ def test_a_failed_training_job_reports_the_ranks_own_error_first(tmp_path):
     assert detail[0].startswith("training benchmark job failed")
     # the rank's own message, not torchrun's ChildFailedError
     assert detail[1] == f"[rank0]: FileNotFoundError: {tmp_path / 'missing'}: no Parquet files"
+
+
+# A parent holding 400 MB forks a child that only sleeps: RSS counts the shared pages twice, PSS once.
+_PARENT_AND_FORKED_CHILD = """
+import os, time
+block = bytearray(400 * 2**20)
+for i in range(0, len(block), 4096):
+    block[i] = 1
+child = os.fork()
+if child == 0:
+    time.sleep(1.5)
+    os._exit(0)
+os.waitpid(child, 0)
+"""
+
+
+@pytest.mark.parametrize("proportional", [False, True])
+def test_peak_memory_of_a_tree_counts_pages_a_forked_child_shares_once_only_when_proportional(proportional):
+    process = subprocess.Popen([sys.executable, "-c", _PARENT_AND_FORKED_CHILD])
+    with PeakRss(process.pid, proportional=proportional) as memory:
+        process.wait()
+    assert process.returncode == 0
+    megabytes = memory.peak / 2**20
+    if proportional:
+        assert 400 < megabytes < 550
+    else:
+        assert megabytes > 800
