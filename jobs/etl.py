@@ -5,8 +5,10 @@ the split, the fitted preprocessing, the quality report and the writer.
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
+from typing import Collection
 
 from pyspark.sql import Column, DataFrame, Observation, SparkSession
 from pyspark.sql import functions as F
@@ -14,6 +16,7 @@ from pyspark.sql import functions as F
 from jobs.config import PipelineConfig
 from jobs.lineage import etl_run, record_dataset
 from jobs.stage import stage
+from jobs.tracking import use_experiment
 from pipelines import images, tables, text
 from pipelines.baselines import forecast_baselines
 from pipelines.caching import cached
@@ -46,7 +49,10 @@ UNKNOWN_CATEGORY = "<unknown>"  # id 0 of every categorical vocabulary: values n
 
 def run_etl(cfg: PipelineConfig) -> dict:
     """Run the ETL stage for `cfg` as an MLflow run (`jobs.lineage`); return the manifest written next to the dataset."""
-    spark = spark_session(cfg.spark, f"{cfg.name}-etl")
+    with ThreadPoolExecutor(max_workers=1) as pool:  # a new tracking store's tables are made while the JVM starts
+        tracking = pool.submit(use_experiment, cfg)
+        spark = spark_session(cfg.spark, f"{cfg.name}-etl")
+        tracking.result()
     recipes = {"image_folder": _image_etl, "timeseries": _timeseries_etl, "text": _text_etl}
     recipe = recipes.get(cfg.source.kind, _table_etl)
     with stage("etl") as summary, etl_run(cfg) as run:
@@ -86,7 +92,7 @@ def _table_etl(spark: SparkSession, cfg: PipelineConfig) -> dict:
         numeric, categorical = tables.feature_columns(source)
         clean = tables.with_raw_features(checked.where(tables.is_clean()), numeric)
         clean, classes = _encoded_labels(clean, source.label)
-        rows, balance, quality = _split(clean, classes, cfg, counts["rows_clean"], _quality_columns(source))
+        rows, balance, quality = _split(clean, classes, cfg, counts["rows_clean"], *_quality_columns(source))
         train = _train(rows)
         scaler = fit_scaler(train, tables.raw_feature_values(numeric), cfg.normalize, group_size=1, names=numeric)
         vocabularies = fit_vocabularies(train, categorical, (UNKNOWN_CATEGORY,), oov_id=0)
@@ -122,7 +128,7 @@ def _timeseries_etl(spark: SparkSession, cfg: PipelineConfig) -> dict:
         tables.check_duplicates(reasons, source)
         inputs = source.input_columns
         clean = tables.with_raw_features(checked.where(tables.is_clean()), inputs)
-        steps, _, quality = _split(clean, [], cfg, counts["rows_clean"], _quality_columns(source))
+        steps, _, quality = _split(clean, [], cfg, counts["rows_clean"], *_quality_columns(source))
         scaler = fit_scaler(_train(steps), tables.raw_feature_values(inputs), cfg.normalize, 1, names=inputs)
         scaled = scaler.transform(steps, "raw_features", "features")
         windows = sliding_windows(scaled, window, source.time_column, source.series_key, source.target)
@@ -161,8 +167,8 @@ def _text_etl(spark: SparkSession, cfg: PipelineConfig) -> dict:
         tables.check_duplicates(reasons, source)
         clean, classes = _encoded_labels(checked.where(tables.is_clean()), source.label)
         clean = text.with_length(clean.withColumn("text", F.col(source.text_column)), source.max_length)
-        quality_columns = [*_quality_columns(source), "length"]
-        rows, balance, quality = _split(clean, classes, cfg, counts["rows_clean"], quality_columns)
+        declared, never_null = _quality_columns(source)
+        rows, balance, quality = _split(clean, classes, cfg, counts["rows_clean"], [*declared, "length"], never_null)
         vocabulary = text.fit_text_vocabulary(_train(rows), source)
         indexed = text.token_ids(rows, vocabulary, source.max_length)
         keep_raw = cfg.output.keep_raw
@@ -198,12 +204,12 @@ def _quarantine(checked: DataFrame, is_clean: Column, cfg: PipelineConfig) -> tu
     return counts, quarantine_reasons(cfg.quarantine_dir, checked.sparkSession)
 
 
-def _split(clean: DataFrame, classes: list[str], cfg: PipelineConfig, total: int,
-           quality_columns: list[str]) -> tuple[DataFrame, dict, dict]:
+def _split(clean: DataFrame, classes: list[str], cfg: PipelineConfig, total: int, quality_columns: list[str],
+           never_null: Collection[str] = ()) -> tuple[DataFrame, dict, dict]:
     """(the `total` clean rows with `split`, rows per split and class, their quality report over `quality_columns`):
     DataError, before anything is fitted, when the splits do not add up or one is empty. One pass computes both."""
     rows = split_rows(clean, "id", "label" if classes else None, cfg.split)
-    quality = quality_report(rows, quality_columns, classes)
+    quality = quality_report(rows, quality_columns, classes, never_null)
     balance = reported_balance(quality, classes)
     check_split_sizes(split_sizes(balance), cfg.split, total)
     return rows, balance, quality
@@ -223,9 +229,10 @@ def _train(rows: DataFrame) -> DataFrame:
     return rows.where(F.col("split") == "train")
 
 
-def _quality_columns(source: tables.FileSource) -> list[str]:
-    """The declared columns the quality report describes: all but a single key column (it is `id`)."""
-    return [c.name for c in source.columns if c.name != source.key]
+def _quality_columns(source: tables.FileSource) -> tuple[list[str], set[str]]:
+    """(the declared columns the quality report describes: all but a single key column (it is `id`), those of them
+    a clean row always has a value in)."""
+    return [c.name for c in source.columns if c.name != source.key], tables.required_columns(source)
 
 
 def _scratch(cfg: PipelineConfig) -> Path:

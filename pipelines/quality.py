@@ -1,6 +1,8 @@
 """The data-quality report (`quality.json`): null rates, numeric ranges and label balance, in one aggregation pass."""
 from __future__ import annotations
 
+from typing import Collection
+
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql.types import NumericType
@@ -10,10 +12,11 @@ from pipelines.split import SPLITS
 QUALITY_NAME = "quality.json"
 
 
-def _aggregates(rows: DataFrame, columns: list[str], numeric: set[str], classes: list[str]) -> list:
+def _aggregates(columns: list[str], numeric: set[str], never_null: set[str], classes: list[str]) -> list:
     aggs = [F.count(F.lit(1)).alias("rows")]
     for i, name in enumerate(columns):
-        aggs.append(F.count_if(F.col(name).isNull()).alias(f"nulls{i}"))
+        if name not in never_null:
+            aggs.append(F.count_if(F.col(name).isNull()).alias(f"nulls{i}"))
         if name in numeric:
             value = F.col(name).cast("double")
             aggs += [F.min(value).alias(f"min{i}"), F.max(value).alias(f"max{i}"), F.sum(value).alias(f"sum{i}")]
@@ -21,10 +24,10 @@ def _aggregates(rows: DataFrame, columns: list[str], numeric: set[str], classes:
     return aggs
 
 
-def _column_stats(per_split: dict, i: int, numeric: bool) -> dict:
+def _column_stats(per_split: dict, i: int, numeric: bool, counted_nulls: bool) -> dict:
     """One column's statistics over the given per-split aggregate rows."""
     rows = sum(r["rows"] for r in per_split.values())
-    nulls = sum(r[f"nulls{i}"] for r in per_split.values())
+    nulls = sum(r[f"nulls{i}"] for r in per_split.values()) if counted_nulls else 0
     stats = {"null_rate": nulls / rows if rows else None}
     if numeric:
         present = [r for r in per_split.values() if r[f"min{i}"] is not None]
@@ -37,19 +40,23 @@ def _column_stats(per_split: dict, i: int, numeric: bool) -> dict:
     return stats
 
 
-def quality_report(rows: DataFrame, columns: list[str], classes: list[str]) -> dict:
+def quality_report(rows: DataFrame, columns: list[str], classes: list[str], never_null: Collection[str] = ()) -> dict:
     """Per column (overall and per split) null rate, and min/max/mean of numbers; rows and label balance per split.
 
-    `rows` are the clean, split rows (with `split`, and the int `label` when `classes` is not empty).
+    `rows` are the clean, split rows (with `split`, and the int `label` when `classes` is not empty). Nulls are not
+    counted in the `never_null` columns (the checks let a row through only with a value there): their rate is 0.
     """
     numeric = {f.name for f in rows.schema if f.name in columns and isinstance(f.dataType, NumericType)}
-    found = rows.groupBy("split").agg(*_aggregates(rows, columns, numeric, classes)).collect()  # one row per split
+    never_null = set(never_null)
+    aggregates = _aggregates(columns, numeric, never_null, classes)
+    found = rows.groupBy("split").agg(*aggregates).collect()  # one row per split
     per_split = {row["split"]: row for row in found}
     scopes = {"all": per_split, **{split: {split: per_split[split]} for split in SPLITS if split in per_split}}
     return {
         "rows": {scope: sum(r["rows"] for r in rows_of.values()) for scope, rows_of in scopes.items()},
         "columns": {
-            name: {scope: _column_stats(rows_of, i, name in numeric) for scope, rows_of in scopes.items()}
+            name: {scope: _column_stats(rows_of, i, name in numeric, name not in never_null)
+                   for scope, rows_of in scopes.items()}
             for i, name in enumerate(columns)
         },
         "label_balance": {

@@ -132,6 +132,11 @@ def _value_problem(spec: ColumnSpec, raw: Column, typed: Column, required: bool)
     return problem
 
 
+def required_columns(source: FileSource) -> set[str]:
+    """The declared columns a clean row always has a value in: the non-nullable ones and the key columns."""
+    return {c.name for c in source.columns if not c.nullable or c.name in source.key_columns}
+
+
 def _joined(problems: list[Column]) -> Column:
     """The problems found joined by '; ', or null: the text is built only for a row with a problem."""
     return F.when(F.coalesce(*problems).isNotNull(), F.concat_ws("; ", *problems))
@@ -143,14 +148,15 @@ def _row_reason(source: FileSource) -> Column:
     Reads the `_raw_<name>` and typed `<name>` columns; a CSV line the reader flagged is checked on its
     re-split text instead.
     """
-    required = lambda c: not c.nullable or c.name in source.key_columns  # noqa: E731
+    required = required_columns(source)
     malformed = F.lit(malformed_reason(source.file_format, len(source.columns)))
-    as_read = _joined([_value_problem(c, F.col(_raw(c.name)), F.col(c.name), required(c)) for c in source.columns])
+    as_read = _joined([_value_problem(c, F.col(_raw(c.name)), F.col(c.name), c.name in required)
+                       for c in source.columns])
     flagged = F.col(CORRUPT_RECORD).isNotNull()
     if source.file_format != "csv":
         return F.when(flagged, malformed).otherwise(as_read)
     reread = F.col(_REREAD)
-    as_text = _joined([_value_problem(c, reread[c.name], reread[c.name].cast(c.type), required(c))
+    as_text = _joined([_value_problem(c, reread[c.name], reread[c.name].cast(c.type), c.name in required)
                        for c in source.columns])
     # A flagged line always has a reason: the reader could not read it into the declared types.
     return (F.when(~flagged, as_read)

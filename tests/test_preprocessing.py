@@ -139,3 +139,16 @@ def test_the_quality_reports_balance_is_the_class_balance_counted_directly(spark
     assert balance == class_balance(rows, classes)
     assert balance == ({"train": {"a": 5, "b": 3}, "val": {"b": 2}, "test": {}} if classes
                        else {"train": {"": 8}, "val": {"": 2}, "test": {}})
+
+
+def test_the_quality_report_counts_nulls_per_split_except_where_the_checks_rule_them_out(spark):
+    rows = spark.createDataFrame(
+        [("train", 1.0, None), ("train", 3.0, "a"), ("train", 5.0, "b"), ("val", 2.0, None)],
+        "split string, x double, note string")
+    report = quality_report(rows, ["x", "note"], [], never_null={"x"})
+    assert report["rows"] == {"all": 4, "train": 3, "val": 1}
+    assert report["columns"]["note"] == {"all": {"null_rate": 0.5}, "train": {"null_rate": 1 / 3},
+                                         "val": {"null_rate": 1.0}}
+    assert report["columns"]["x"] == {"all": {"null_rate": 0.0, "min": 1.0, "max": 5.0, "mean": 2.75},
+                                      "train": {"null_rate": 0.0, "min": 1.0, "max": 5.0, "mean": 3.0},
+                                      "val": {"null_rate": 0.0, "min": 2.0, "max": 2.0, "mean": 2.0}}
