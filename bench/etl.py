@@ -68,12 +68,12 @@ METHOD = f"""\
   the process and all its descendants (Spark: the Python driver plus the driver JVM, which runs the executors in
   `local` mode). The tree's RSS is read every 50 ms; its PSS only when that RSS has grown since the last PSS
   reading, and no more often than keeps the sampler under 5% of one core: for PSS the kernel walks every page
-  of the process (~12 ms of CPU per GB), and read every 50 ms it took a third of a core from the runs it
-  measured (every record up to the one of 2026-11-23 20:15 UTC). Not the summed RSS: Hadoop's local file
-  system starts small commands (e.g. `chmod` on each output file) from the JVM, and a JVM caught between fork
-  and exec counts the whole JVM twice in RSS (that is how the previous records showed dlpipe at 4.9 and
-  5.4 GB). (The kernel's `ru_maxrss` is no help either: a child started from a big parent inherits the parent's
-  peak across fork and exec.)
+  of the process (~12 ms of CPU per GB), and read every 50 ms it took from a third (a 2-3 GB JVM) to two thirds
+  (a 10 GB pandas or polars process) of a core from the runs it measured, in every record up to the one of
+  2026-11-23 20:15 UTC. Not the summed RSS: Hadoop's local file system starts small commands (e.g. `chmod` on
+  each output file) from the JVM, and a JVM caught between fork and exec counts the whole JVM twice in RSS (that
+  is how the previous records showed dlpipe at 4.9 and 5.4 GB). (The kernel's `ru_maxrss` is no help either: a
+  child started from a big parent inherits the parent's peak across fork and exec.)
 - **1 GB driver**: at the largest size dlpipe's ETL runs once more with `spark.driver_memory: 1g` (the reliability
   issue's load bullet); the table says whether it completed."""
 NOTES = """Goal (issue 3): at 10M rows dlpipe's Spark ETL >= 0.6x polars' rows/s with under a quarter of pandas' peak
@@ -81,58 +81,70 @@ memory, and Spark's seconds growing linearly from 1M to 10M rows. The spec's anc
 this job: 10M rows pandas 135 s / 10.3 GB, polars 52 s / 4.8 GB, a straightforward Spark job 113 s / 1.3 GB
 JVM; 1M rows pandas 12.3 s, polars 4.4 s, Spark 31 s.
 
-**Where it stands (record above, 2026-11-23 20:15-20:30 UTC, load average 2.8 on average, 5.7 at most,
-AMD EPYC host): the speed goal is still not met: dlpipe's ETL runs at 0.40x polars' rows/s at 10M rows
-(151.3 s against 60.8 s; 0.6x would be 101 s), up from 0.32x in the previous record (196.6 s against 62.5 s,
-same host type). The 1 GB-driver run took 142.0 s (0.43x).** Memory: with `spark.driver_memory: 1g` the 10M-row
-job peaks at 1.7 GB (summed PSS, Python + JVM), 0.17 of pandas' 10.3 GB (goal: under a quarter, met); with the
-default 2g at 2.8 GB (0.27, not met). Growth from 1M to 10M rows is sub-linear (54.6 s -> 151.3 s: the JVM
-start, the MLflow store and ~25 Spark jobs' planning and code generation are fixed costs).
+**Where it stands (record above, 2026-11-23 22:07-22:18 UTC, load average 2.5 on average, 3.3 at most, AMD
+EPYC host): the speed goal is not met, and this record shows it further off than the previous ones said.
+dlpipe's ETL runs at 0.30x polars' rows/s at 10M rows (113.6 s against 34.2 s; 0.6x would be 57 s).** The
+1 GB-driver run took 108.8 s. Memory: with `spark.driver_memory: 1g` the 10M-row job peaks at 1.7 GB (summed
+PSS, Python + JVM), 0.17 of pandas' 10.1 GB (goal: under a quarter, met); with the default 2g at 2.8 GB (0.28,
+not met). Growth from 1M to 10M rows is sub-linear (34.5 s -> 113.6 s: the JVM start, the MLflow store and ~25
+Spark jobs' planning and code generation are fixed costs).
 
-**What changed this round: the job's shape.** Measured with Spark event-log timelines of the real job on the
-10M-row CSV (no memory sampler; same host, back to back): 149.0 s before, 131.8-135.9 s with the first two
-changes, 114.6 s with all three.
-- The checked rows are kept as scratch Parquet (`pipelines/caching.py::kept_as_parquet`), not as a DISK_ONLY
-  cache: a cache block is read whole, a Parquet pass reads only its columns. Dictionary encoding only for the
-  file, reason and declared string columns. The same passes over 10M checked rows, one script, cache then
-  Parquet: build 49.4 / 45.3 s, key count 14.1 / 8.9 s, quarantine 4.2 / 1.1 s, statistics 9.1 / 6.2 s,
-  vocabulary 3.0 / 1.1 s, write 18.5 / 16.1 s (total 102.1 / 81.9 s).
-- A repeated key's later rows get their quarantine record when they are found, so the quarantine pass reads 4
-  columns, not all of them: 9.2 s -> 1.7-3.3 s.
-- The z-score (and log1p) scaler sums (x - shift) and its square instead of running `stddev_pop`, the shift a
-  value from the first train rows (exact for a constant column; digits kept far from zero, tested against
-  numpy), on the numeric columns rather than elements of the built array: the scaler pass 10.4-13.6 s -> 4.6 s.
-  (Warm and alone, `stddev_pop` over 20 columns of 7M rows took 3.3 s; inside the job, as a freshly generated
-  class, 3x that.)
+**The memory sampler was slowing what it measured.** Reading PSS makes the kernel walk every page of the
+process (~12 ms of CPU per GB); read every 50 ms it took a third of a core from a 2-3 GB JVM's run and two thirds
+from a 10 GB pandas or polars run, on a 2-core machine. It now reads PSS only when the tree's cheap RSS has grown
+since the last reading, within 5% of a core (`bench/common.py::PeakRss`; a test checks a forked child's shared
+pages still count once). The peaks it finds are unchanged (pandas 10.1 GB, dlpipe 2.8 / 1.7 GB), but the times
+are not: 10M rows, previous record -> this one: pandas 95.2 -> 58.2 s, polars 60.8 -> 34.2 s, dlpipe 151.3 ->
+113.6 s, Spark parse 28.3 -> 21.7 s. The previous records' ratios (0.40x, 0.32x) were flattered by a sampler
+that slowed pandas and polars the most.
 
-Where the seconds go now (timeline of the 114.6 s run): start (JVM, MLflow store) 8.8 s; read, check and
-write the scratch Parquet 43.4 s; duplicate keys 11.3 s (count 4.5, order the repeats 2.8, their records 4.0);
-quarantine 1.7 s; quality report 7.5 s; scaler 4.6 s; vocabularies 2.9 s; dataset write 25.9 s; small jobs and
-gaps ~8 s. The dataset write alone: 5.8 s to compute the rows (a `noop` sink), 16-21 s to write them; 16.2-17.7 s
-without the coalesce to `files_per_split` files (the contract needs it).
+**Why 0.6x is out of reach for a Spark job on this machine.** 0.6x polars is 57 s. Spark's own floors in the
+same record: parsing the CSV alone 21.7 s; parsing and writing every row as Parquet with Spark's defaults
+46.3 s (0.74x polars, with no checks, split, statistics or features at all), 31.4 s with dictionary encoding
+off. Measured on the 10M-row CSV, each part the job cannot drop, at its cheapest (one script, fresh JVM):
+parse 18.2 s; the checks add 8.6 s; a second look at the rows (the scratch Parquet: 15 s to write; reading the
+CSV again: ~27 s); the key count 6.5 s at best (grouping on the typed long key instead of its text); the
+statistics pass (quality report and scaler together) 7 s; the dataset write 19-21 s (it is 14-15 s only when
+the JVM has written the same kind of rows before: ~5 s is the writer's JIT warm-up, in this cold job). That is
+74-76 s with no gaps between jobs, no JVM start and no MLflow run: 1.3x the goal.
 
-Measured this round, not adopted:
-- The scaler's aggregates inside the quality report's groupBy(split): 21.1 s against 6.1 + 7.6 s apart.
-- JVM flags for the generated code: C1 only (`-XX:TieredStopAtLevel=1`) 243 s; `-XX:CompileThresholdScaling=0.3`
-  120.5 and 143.9 s; with `-XX:+UseParallelGC` too 124.1 s: within the noise of the default's 131.8-134.2 s.
-- The dataset written without dictionary encoding: 22.1 / 21.0 s against 28.4 / 20.5 s (noise).
-- The benchmark's memory sampler (summed PSS of the process tree every 50 ms) itself takes ~30% of one of the
-  2 cores while it samples a JVM: the timelines above ran without it and are faster than the record's dlpipe
-  rows for that reason too. Every engine is sampled the same way; a cheaper sampler is future work.
+Changes this round, timeline of the real job (Spark event log, no sampler): start 6.2 s (8.2 s before: the
+MLflow store is created while the JVM starts); read, check and write the scratch Parquet 43.2 s; duplicate keys
+10.9 s (count 4.4, order 2.6, records 3.9); quarantine 2.2 s; quality report 6.3 s (7.7 s before: no null
+count in a column the checks let through only with a value); scaler 4.6 s (its shift 0.5, its sums 4.1);
+vocabularies 2.4 s; dataset write 28.0 s; 113.6 s in all (112.3 s the run before the changes: the gains are
+within this machine's noise).
 
-Previous round: the floors (`spark-read`, `spark-read-write`, `spark-read-write-plain`; the 10M-row Spark
-parse 35.7 s, read and write 64.6 s, 44.4 s without dictionaries, polars 62.5 s) showed the gap was dlpipe's own
-passes. Measured and dropped then: parsing the CSV with pyarrow inside Spark tasks (18.6 s against 20.9 s for
-the parse; 48.3 against 57.4 s with Parquet written: not worth a second CSV reader); a chain of cheap tests to
-clear clean rows before the per-column reasons (41.1 s against 39 s); not copying reader-parsed columns into
-`_raw_` columns (within noise). The checks cost ~15 s of the read (39 s against 23.5 s with every reason null).
+Measured this round, not adopted (one script on the kept scratch Parquet of the 10M checked rows):
+- The dataset written from Python workers with pyarrow (`mapInArrow`, the features already built by Spark):
+  16.6 s cold / 11.1 s warm against Spark's writer 19.3 / 15.8 s. 3-5 s, not worth a second writer (its own
+  row-group sizing, file naming and commit).
+- The scaler's sums inside the quality report's groupBy(split): 11.1 s against 4.4 + 2.9 s apart. Over 100
+  aggregate buffers Spark stops generating code for the aggregation (`spark.sql.codegen.maxFields`, 100); with
+  it raised to 1000, 7.9 s against 5.9 + 2.9 s: ~1 s, not worth coupling the two.
+- Non-null elements in the `features` array (`required float` in the Parquet schema): 14.7-15.2 s against
+  14.6-15.4 s (noise); the first write in a JVM takes 20-25 s whichever comes first. Small generated methods for
+  the write: noise. `-Xms2g`: noise (GC is 0.9 s of the write).
+- The scratch Parquet uncompressed: 46.9 s to write against 42.0 s (snappy).
+- The duplicate-key count as one aggregation (count and first position per key): 6.9 s, what the count and the
+  ordering of the repeats take apart in the job. On the typed long key: 6.5 s against 9.7 s on its text, but
+  every later pass would then build the text for the split's hash and the output.
 
-Earlier rounds: the checks were planned as small generated methods (one 42 KB method ran in the JVM's
-interpreter; 85-93 s -> 33-44 s); CSV numbers are parsed by the reader and a flagged line re-split as text for
-its reasons; an uncompressed disk cache (64 s -> 41 s to build); rows counted during the quarantine write; the
-per-feature scaler aggregates in place; the checks cast each value once and build reason text only for bad rows;
-duplicate keys are found without a full-row shuffle; peak memory is measured as summed PSS (summed RSS counted a
-JVM caught between fork and exec twice); the checked rows kept on disk (DISK_ONLY; replaced this round)."""
+Previous round (2026-11-23 20:15 record, with the old sampler): the job's shape. Checked rows kept as scratch
+Parquet, not a DISK_ONLY cache (each pass reads only its columns: the same passes 102.1 -> 81.9 s); repeat
+records made when the repeats are found (quarantine pass 9.2 -> 1.7-3.3 s); the z-score and log1p scaler from
+shifted sums instead of `stddev_pop` (scaler pass 10.4-13.6 -> 4.6 s). Dropped then: the scaler's aggregates in
+the quality groupBy (21.1 s against 6.1 + 7.6 s); JVM flags (C1 only 243 s; `-XX:CompileThresholdScaling=0.3`
+and `-XX:+UseParallelGC` within noise); the dataset without dictionary encoding (noise).
+
+Earlier rounds: the floors showed the gap was dlpipe's own passes; dropped were parsing the CSV with pyarrow
+inside Spark tasks (18.6 s against 20.9 s for the parse: not worth a second CSV reader), a chain of cheap tests
+before the per-column reasons, and not copying reader-parsed columns into `_raw_` columns. Adopted: the checks
+planned as small generated methods (one 42 KB method ran in the JVM's interpreter; 85-93 s -> 33-44 s); CSV
+numbers parsed by the reader, a flagged line re-split as text for its reasons; an uncompressed disk cache; rows
+counted during the quarantine write; per-feature scaler aggregates in place; each value cast once and reason
+text built only for bad rows; duplicate keys found without a full-row shuffle; peak memory as summed PSS
+(summed RSS counted a JVM caught between fork and exec twice)."""
 
 
 def ensure_csv(data_dir: str | Path, rows: int) -> Path:
