@@ -98,7 +98,7 @@ def _table_etl(spark: SparkSession, cfg: PipelineConfig) -> dict:
         vocabularies = fit_vocabularies(train, categorical, (UNKNOWN_CATEGORY,), oov_id=0)
         indexed = rows.select("*", *[v.index(F.col(n)).alias(f"{n}_index") for n, v in vocabularies.items()])
         dataset = dataset_columns(
-            scaler.transform(indexed, "raw_features", "features"),
+            indexed.withColumn("features", scaler.column(tables.raw_feature_values(numeric))),
             cfg.output.keep_raw,
             labelled=bool(classes),
             extra=tuple(f"{name}_index" for name in categorical),
@@ -130,7 +130,7 @@ def _timeseries_etl(spark: SparkSession, cfg: PipelineConfig) -> dict:
         clean = tables.with_raw_features(checked.where(tables.is_clean()), inputs)
         steps, _, quality = _split(clean, [], cfg, counts["rows_clean"], *_quality_columns(source))
         scaler = fit_scaler(_train(steps), tables.raw_feature_values(inputs), cfg.normalize, 1, names=inputs)
-        scaled = scaler.transform(steps, "raw_features", "features")
+        scaled = steps.withColumn("features", scaler.column(tables.raw_feature_values(inputs)))
         windows = sliding_windows(scaled, window, source.time_column, source.series_key, source.target)
         dataset = dataset_columns(windows, cfg.output.keep_raw, labelled=False, extra=("target",))
         preprocessing = {

@@ -56,6 +56,8 @@ def test_scaler_statistics_and_the_spark_and_numpy_paths_agree(train, conf, offs
 
     spark_scaled = np.array([r["scaled"] for r in scaler.transform(train, "raw", "scaled").collect()])
     np.testing.assert_allclose(spark_scaled, scaler.apply(VALUES), rtol=1e-5, atol=1e-6)
+    from_elements = train.select(scaler.column([scaling.F.col("raw")[i] for i in range(2)]).alias("scaled"))
+    np.testing.assert_array_equal(np.array([r["scaled"] for r in from_elements.collect()]), spark_scaled)
     if conf.method == "minmax":
         low, high = conf.minmax_range
         np.testing.assert_allclose(spark_scaled.min(axis=0), [low, low], atol=1e-6)
