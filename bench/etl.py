@@ -81,39 +81,44 @@ memory, and Spark's seconds growing linearly from 1M to 10M rows. The spec's anc
 this job: 10M rows pandas 135 s / 10.3 GB, polars 52 s / 4.8 GB, a straightforward Spark job 113 s / 1.3 GB
 JVM; 1M rows pandas 12.3 s, polars 4.4 s, Spark 31 s.
 
-**Where it stands (record above, 2026-11-23 22:07-22:18 UTC, load average 2.5 on average, 3.3 at most, AMD
-EPYC host): the speed goal is not met, and this record shows it further off than the previous ones said.
-dlpipe's ETL runs at 0.30x polars' rows/s at 10M rows (113.6 s against 34.2 s; 0.6x would be 57 s).** The
-1 GB-driver run took 108.8 s. Memory: with `spark.driver_memory: 1g` the 10M-row job peaks at 1.7 GB (summed
-PSS, Python + JVM), 0.17 of pandas' 10.1 GB (goal: under a quarter, met); with the default 2g at 2.8 GB (0.28,
-not met). Growth from 1M to 10M rows is sub-linear (34.5 s -> 113.6 s: the JVM start, the MLflow store and ~25
-Spark jobs' planning and code generation are fixed costs).
+**Where it stands (record above, 2026-11-23 22:56-23:07 UTC, load average 2.4 on average, 3.4 at most, AMD
+EPYC host): the speed goal is not met, and the last two records show it further off than the earlier ones
+said. dlpipe's ETL runs at 0.30x polars' rows/s at 10M rows (119.0 s against 36.0 s; 0.6x would be 60 s).**
+The record before it, an hour earlier and without the last change below, had the same ratio (113.6 s against
+34.2 s). The 1 GB-driver run took 117.5 s. Memory: with `spark.driver_memory: 1g` the 10M-row job peaks at
+1.7 GB (summed PSS, Python + JVM), 0.17 of pandas' 10.3 GB (goal: under a quarter, met); with the default 2g at
+2.8 GB (0.27, not met). Growth from 1M to 10M rows is sub-linear (35.2 s -> 119.0 s: the JVM start, the MLflow
+store and ~25 Spark jobs' planning and code generation are fixed costs).
 
 **The memory sampler was slowing what it measured.** Reading PSS makes the kernel walk every page of the
 process (~12 ms of CPU per GB); read every 50 ms it took a third of a core from a 2-3 GB JVM's run and two thirds
 from a 10 GB pandas or polars run, on a 2-core machine. It now reads PSS only when the tree's cheap RSS has grown
 since the last reading, within 5% of a core (`bench/common.py::PeakRss`; a test checks a forked child's shared
 pages still count once). The peaks it finds are unchanged (pandas 10.1 GB, dlpipe 2.8 / 1.7 GB), but the times
-are not: 10M rows, previous record -> this one: pandas 95.2 -> 58.2 s, polars 60.8 -> 34.2 s, dlpipe 151.3 ->
-113.6 s, Spark parse 28.3 -> 21.7 s. The previous records' ratios (0.40x, 0.32x) were flattered by a sampler
-that slowed pandas and polars the most.
+are not: 10M rows, the 20:15 record -> the 22:07 one (the first with the new sampler): pandas 95.2 -> 58.2 s,
+polars 60.8 -> 34.2 s, dlpipe 151.3 -> 113.6 s, Spark parse 28.3 -> 21.7 s. The earlier records' ratios
+(0.40x, 0.32x) were flattered by a sampler that slowed pandas and polars the most.
 
-**Why 0.6x is out of reach for a Spark job on this machine.** 0.6x polars is 57 s. Spark's own floors in the
-same record: parsing the CSV alone 21.7 s; parsing and writing every row as Parquet with Spark's defaults
-46.3 s (0.74x polars, with no checks, split, statistics or features at all), 31.4 s with dictionary encoding
-off. Measured on the 10M-row CSV, each part the job cannot drop, at its cheapest (one script, fresh JVM):
-parse 18.2 s; the checks add 8.6 s; a second look at the rows (the scratch Parquet: 15 s to write; reading the
-CSV again: ~27 s); the key count 6.5 s at best (grouping on the typed long key instead of its text); the
-statistics pass (quality report and scaler together) 7 s; the dataset write 19-21 s (it is 14-15 s only when
-the JVM has written the same kind of rows before: ~5 s is the writer's JIT warm-up, in this cold job). That is
-74-76 s with no gaps between jobs, no JVM start and no MLflow run: 1.3x the goal.
+**Why 0.6x is out of reach for a Spark job on this machine.** 0.6x polars is 57-60 s. Spark's own floors in
+the same records: parsing the CSV alone 21.7-21.9 s; parsing and writing every row as Parquet with Spark's
+defaults 46.3-47.5 s (0.74-0.76x polars, with no checks, split, statistics or features at all), 31.4-34.4 s
+with dictionary encoding off. Measured on the 10M-row CSV, each part the job cannot drop, at its cheapest
+(one script, fresh JVM): parse 18.2 s; the checks add 8.6 s; a second look at the rows (the scratch Parquet:
+15 s to write; reading the CSV again: ~27 s); the key count 6.5 s at best (grouping on the typed long key
+instead of its text); the statistics pass (quality report and scaler together) 7 s; the dataset write 19-22 s
+(it is 14-16 s only when the JVM has written the same kind of rows before: ~5 s is the writer's JIT warm-up,
+in this cold job). That is 74-77 s with no gaps between jobs, no JVM start and no MLflow run: 1.2-1.3x the
+goal.
 
 Changes this round, timeline of the real job (Spark event log, no sampler): start 6.2 s (8.2 s before: the
 MLflow store is created while the JVM starts); read, check and write the scratch Parquet 43.2 s; duplicate keys
 10.9 s (count 4.4, order 2.6, records 3.9); quarantine 2.2 s; quality report 6.3 s (7.7 s before: no null
 count in a column the checks let through only with a value); scaler 4.6 s (its shift 0.5, its sums 4.1);
 vocabularies 2.4 s; dataset write 28.0 s; 113.6 s in all (112.3 s the run before the changes: the gains are
-within this machine's noise).
+within this machine's noise). Then, after the 22:07 record: the features are scaled straight from the numeric
+columns (`FittedScaler.column` takes the element expressions), not from a `raw_features` array built per row
+only to be indexed again (two projections Spark would not merge): the dataset write of 10M rows, one script,
+fresh JVM, each order: 22.3 s against 24.3 s written first, 16.1 s against 19.4 s written second.
 
 Measured this round, not adopted (one script on the kept scratch Parquet of the 10M checked rows):
 - The dataset written from Python workers with pyarrow (`mapInArrow`, the features already built by Spark):

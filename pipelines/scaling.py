@@ -53,7 +53,7 @@ class FittedScaler:
         """The scaled array<float> as a Spark column expression (runs in the JVM, no Python UDF).
 
         `values` is an array column, or the expressions of its elements (a table's numeric columns: then no array
-        is built per row only to be taken apart again; 16 s against 19 s to write 10M rows, BENCHMARKS.md).
+        is built per row only to be taken apart again: 16-22 s against 19-24 s to write 10M rows, BENCHMARKS.md).
         Arrays of up to UNROLLED_WIDTH elements are scaled element by element, in code Spark generates and the JVM
         compiles; a longer one (a large image) goes through a higher-order function, which Spark interprets.
         """
