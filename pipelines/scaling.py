@@ -140,19 +140,18 @@ def fit_scaler(
 ) -> FittedScaler:
     """Fit scaling statistics on `train` only (callers pass the train split, never val/test).
 
-    `column` is an array column, or the expressions of its elements (e.g. `tables.raw_feature_values`): those are
-    aggregated where they stand, with no array built (an array aggregated element by element took 2x as long).
-    `names` names the statistic groups (the table's numeric columns) in warnings and `zero_spread`; without
-    them group g is `<column>[g]` (channel g, or element g with `per: feature`).
+    `column` is the expressions of the elements (e.g. `tables.raw_feature_values`): each is one statistic group,
+    aggregated where it stands in one pass, with no array built (an array aggregated element by element took 2x
+    as long). Or `column` names an array column: its arrays are exploded and grouped by `group_size` consecutive
+    elements (an image's channels). `names` names the statistic groups (the table's numeric columns) in warnings
+    and `zero_spread`; without them group g is `<column>[g]` (channel g, or element g with `per: feature`).
     """
     group_size = 1 if conf.per == "feature" else group_size
     label = column if isinstance(column, str) else "raw features"
-    if not isinstance(column, str):
-        rows = _statistics_in_place(train, list(column), conf)
-    elif group_size == 1 and names is not None:
-        rows = _statistics_in_place(train, [F.col(column)[i] for i in range(len(names))], conf)
-    else:
+    if isinstance(column, str):
         rows = _statistics_by_group(train, column, conf, group_size)
+    else:
+        rows = _statistics_in_place(train, list(column), conf)
     if not rows:  # one row per statistic group: tiny
         raise ValueError(f"cannot fit a scaler on {label!r}: the train split is empty")
     names = list(names) if names is not None else [f"{label}[{g}]" for g in range(len(rows))]

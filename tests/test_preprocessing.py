@@ -44,13 +44,14 @@ def lower_quantile(column: np.ndarray, q: float) -> float:
     ids=["robust", "log1p", "minmax-11", "minmax-01"],
 )
 @pytest.mark.parametrize("unrolled", [True, False], ids=["per-element", "exploded"])
-@pytest.mark.parametrize("names", [["a", "b"], None], ids=["fit-in-place", "fit-exploded"])
-def test_scaler_statistics_and_the_spark_and_numpy_paths_agree(train, conf, offset, scale, unrolled, names,
+@pytest.mark.parametrize("in_place", [True, False], ids=["fit-in-place", "fit-exploded"])
+def test_scaler_statistics_and_the_spark_and_numpy_paths_agree(train, conf, offset, scale, unrolled, in_place,
                                                                monkeypatch):
     if not unrolled:  # arrays wider than UNROLLED_WIDTH are scaled by a lambda over the elements
         monkeypatch.setattr(scaling, "UNROLLED_WIDTH", 1)
-    # with the elements named, each is aggregated in place; without, the arrays are exploded and grouped
-    scaler = fit_scaler(train, "raw", conf, group_size=1, names=names)
+    # given the elements, each is aggregated in place; given the array column, its arrays are exploded and grouped
+    column = [scaling.F.col("raw")[i] for i in range(2)] if in_place else "raw"
+    scaler = fit_scaler(train, column, conf, group_size=1, names=["a", "b"] if in_place else None)
     np.testing.assert_allclose(scaler.offset, offset, rtol=1e-6)
     np.testing.assert_allclose(scaler.scale, scale, rtol=1e-6)
 
