@@ -112,17 +112,18 @@ def _json_line(draw, kind: str, row: dict) -> bytes:
 
 
 def _ingest(spark, fmt: str, generated: list[tuple[bytes, str | None]]) -> tuple[list, dict]:
-    folder = Path(tempfile.mkdtemp(prefix=f"ingest-{fmt}-"))
     body = [line for line, _ in generated]
-    path = folder / f"rows.{'csv' if fmt == 'csv' else 'jsonl'}"
-    path.write_bytes(b"\n".join([HEADER, *body] if fmt == "csv" else body) + b"\n")
-    source = TableSource.model_validate({"kind": fmt, "path": str(path), "columns": COLUMNS, "max_bad_fraction": 1.0})
-    checked = ingest_table(spark, source, [path]).persist()
-    try:
-        counts = checked.agg(*row_counts(is_clean())).first().asDict()
-        return checked.select("tag", "record", "reason").collect(), counts
-    finally:
-        checked.unpersist()
+    with tempfile.TemporaryDirectory(prefix=f"ingest-{fmt}-") as folder:  # one per example: hypothesis runs many
+        path = Path(folder) / f"rows.{'csv' if fmt == 'csv' else 'jsonl'}"
+        path.write_bytes(b"\n".join([HEADER, *body] if fmt == "csv" else body) + b"\n")
+        source = TableSource.model_validate({"kind": fmt, "path": str(path), "columns": COLUMNS,
+                                             "max_bad_fraction": 1.0})
+        checked = ingest_table(spark, source, [path]).persist()
+        try:
+            counts = checked.agg(*row_counts(is_clean())).first().asDict()
+            return checked.select("tag", "record", "reason").collect(), counts
+        finally:
+            checked.unpersist()
 
 
 def _check_accounted(spark, fmt: str, generated: list[tuple[bytes, str | None]]) -> None:
