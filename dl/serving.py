@@ -341,7 +341,8 @@ def load_scoring_model(model_uri: str, device: str = "auto") -> tuple[ServingMod
     """Resolve `model_uri` to one registry version and load it on `device`: (python_model, name, version, run_id)."""
     target = resolve_device(device)  # before loading: a missing GPU fails at once
     version = resolve_model_version(model_uri)
-    pyfunc = mlflow.pyfunc.load_model(f"models:/{version.name}/{version.version}")
+    with tempfile.TemporaryDirectory(prefix="dlpipe-model-") as tmp:  # the weights are in memory once loaded
+        pyfunc = mlflow.pyfunc.load_model(f"models:/{version.name}/{version.version}", dst_path=tmp)
     python_model = pyfunc.unwrap_python_model()
     if not isinstance(python_model, ServingModel):
         raise TypeError(f"{model_uri} is not a dlpipe serving model (got {type(python_model).__name__})")

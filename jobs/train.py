@@ -11,6 +11,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 from contextlib import contextmanager, nullcontext
 from importlib import metadata
 from pathlib import Path
@@ -167,12 +168,14 @@ def launch(cfg_path: str | Path, overrides: list[str] | tuple[str, ...] = (), wo
     """Run `jobs.train` on `world_size` local ranks under torchrun, restarted up to `train.max_restarts` times
     from the last checkpoint; the exit code is non-zero if a rank failed for good."""
     restarts = load_config(cfg_path, overrides).train.max_restarts
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world_size}",
-        f"--max-restarts={restarts}", "-m", "jobs.train", str(cfg_path), *overrides,
-    ]
-    log.info("launching %s", " ".join(command))
-    return subprocess.run(command, env={**os.environ, **TORCHRUN_ENV}, check=False).returncode
+    # torchrun's per-rank folders (left in /tmp by default, one set per launch) go in one removed afterwards
+    with tempfile.TemporaryDirectory(prefix="dlpipe-torchrun-") as rank_dirs:
+        command = [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world_size}",
+            f"--max-restarts={restarts}", f"--log-dir={rank_dirs}", "-m", "jobs.train", str(cfg_path), *overrides,
+        ]
+        log.info("launching %s", " ".join(command))
+        return subprocess.run(command, env={**os.environ, **TORCHRUN_ENV}, check=False).returncode
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import re
+import tempfile
 from pathlib import Path
 from typing import Iterator
 
@@ -16,6 +17,7 @@ import mlflow
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from mlflow.models import Model
 from pyspark import TaskContext
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql.types import ArrayType, BooleanType, FloatType, IntegerType, StringType, StructField, StructType
@@ -100,7 +102,9 @@ def _model_inputs(kind: str, column: pa.Array, ids: pa.Array, name: str, width: 
 
 
 def _metadata(model_uri: str, key: str):
-    metadata = mlflow.models.get_model_info(model_uri).metadata or {}
+    with tempfile.TemporaryDirectory(prefix="dlpipe-mlmodel-") as tmp:  # mlflow's own download would stay in /tmp
+        mlmodel = mlflow.artifacts.download_artifacts(artifact_uri=f"{model_uri}/MLmodel", dst_path=tmp)
+        metadata = Model.load(mlmodel).metadata or {}
     if key not in metadata:
         raise ValueError(f"{model_uri} declares no '{key}' in its metadata: it was not logged by "
                          f"dl.serving.log_and_register")

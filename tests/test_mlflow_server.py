@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from contextlib import contextmanager
@@ -18,6 +19,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from dl.serving import load_scoring_model
 from jobs.promote import run_promote
 from pipelines.scoring import score_parquet
 from registry_helpers import expected, network, pipeline_config, raw_rows, register, scaler, tracking, write_dataset
@@ -86,8 +88,11 @@ def _stop(server: subprocess.Popen) -> None:
 
 
 @pytest.mark.slow
-def test_register_promote_and_score_through_a_real_mlflow_server(spark, tmp_path):
+def test_register_promote_and_score_through_a_real_mlflow_server(spark, tmp_path, monkeypatch):
     started = time.monotonic()
+    temp = tmp_path / "temp"  # over http, mlflow downloads to a fresh temp folder it never removes
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
     with mlflow_server(tmp_path) as url, tracking(url):
         cfg = pipeline_config(tmp_path, "server-test", NAME, mlflow={"tracking_uri": url, "registered_model": NAME},
                               promote={"smoke_rows": 8})
@@ -113,4 +118,6 @@ def test_register_promote_and_score_through_a_real_mlflow_server(spark, tmp_path
         assert set(predictions["model_name"]) == {NAME} and set(predictions["model_version"]) == {"1"}
         assert set(predictions["model_run_id"]) == {version.run_id}
         np.testing.assert_array_equal(predictions["prediction"].to_numpy(), expected(net, fitted, raw)[0])
+        load_scoring_model(f"models:/{NAME}@champion")  # what each Spark worker does, in its own process
+        assert list(temp.iterdir()) == [], "a scheduled job would leave these behind on every run"
     print(f"mlflow server flow took {time.monotonic() - started:.1f}s")

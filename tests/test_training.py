@@ -488,9 +488,12 @@ def test_an_exception_on_one_rank_fails_the_launch_promptly_with_its_message(tmp
     assert not (tmp_path / "run" / "train_result.json").exists()
 
 
-def test_launch_fails_promptly_when_a_rank_fails(tmp_path, capfd):
+def test_launch_fails_promptly_when_a_rank_fails(tmp_path, capfd, monkeypatch):
     from jobs.train import launch
 
+    temp = tmp_path / "temp"  # torchrun's own temp folder: it would leave a torchelastic_* folder per launch
+    temp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(temp))
     dataset = tmp_path / "run" / "dataset"
     write_dataset(dataset, {"train": [[40]], "val": [[5]] * 2, "test": [[5]] * 2})
     write_manifest(dataset)
@@ -499,3 +502,4 @@ def test_launch_fails_promptly_when_a_rank_fails(tmp_path, capfd):
     assert time.monotonic() - started < 90
     assert "1 Parquet row group(s) for world size 2" in capfd.readouterr().err
     assert not (tmp_path / "run" / "train_result.json").exists()
+    assert list(temp.iterdir()) == []
