@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import time
 import urllib.request
@@ -20,15 +19,9 @@ from typing import Iterator
 
 import pyspark
 
+from ports import HOST, free_port
+
 SPARK_HOME = Path(pyspark.__file__).resolve().parent
-HOST = "127.0.0.1"
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now (the OS picks it)."""
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
 
 
 def spark_env() -> dict[str, str]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,16 +21,11 @@ import pytest
 from dl.serving import load_scoring_model
 from jobs.promote import run_promote
 from pipelines.scoring import score_parquet
+from ports import free_port
 from registry_helpers import expected, network, pipeline_config, raw_rows, register, scaler, tracking, write_dataset
 
 NAME = "server-cnn"
 STARTUP_TIMEOUT_S = 90
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _healthy(url: str) -> bool:
@@ -46,7 +40,7 @@ def _healthy(url: str) -> bool:
 def mlflow_server(root: Path, port: int | None = None) -> Iterator[str]:
     """Run `mlflow server` (on `port`, or a free one) until the block ends; yield its http URL. Its log is printed
     if the block fails; the store under `root` outlives it, so a second server on the same port continues it."""
-    port, log_path = port or _free_port(), root / "mlflow-server.log"
+    port, log_path = port or free_port(), root / "mlflow-server.log"
     command = [
         sys.executable, "-m", "mlflow", "server",
         "--backend-store-uri", f"sqlite:///{root / 'server.db'}",

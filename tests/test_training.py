@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -28,6 +28,7 @@ from dl.optim import build_optimizer
 from dl.petastorm_reader import ShardingError, check_shardable, count_row_groups, iter_batches, split_dir
 from dl.trainer import STEP_S, WAIT_S, EarlyStopping, build_precision, evaluate, fit, timed, train_step
 from jobs.config import CnnConf, ConfigError, EarlyStoppingConf, TrainConf, validate_config
+from ports import free_port
 
 CLASSES = ["horizontal", "vertical", "diagonal"]
 SHAPE = (1, 8, 8)
@@ -95,16 +96,10 @@ def write_manifest(root: Path) -> None:
     (root / "manifest.json").write_text(json.dumps(manifest))
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def run_ranks(worker, *args, world_size: int = 2) -> None:
     """Run `worker(rank, world_size, port, *args)` in `world_size` spawned processes; fail on error or hang."""
     context = mp.start_processes(
-        worker, args=(world_size, _free_port(), *args), nprocs=world_size, join=False, start_method="spawn"
+        worker, args=(world_size, free_port(), *args), nprocs=world_size, join=False, start_method="spawn"
     )
     deadline = time.monotonic() + RANK_TIMEOUT_S
     while not context.join(timeout=1):
@@ -463,13 +458,25 @@ def test_two_nodes_joined_by_rendezvous_train_to_the_single_host_weights(launche
 
     config = _synthetic_run(tmp_path, [[60]] * 4, seed=1, checkpoint_every_steps=3)
     node = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
-            "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{_free_port()}", "--rdzv-id=dlpipe-test",
+            "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--rdzv-id=dlpipe-test",
             "-m", "jobs.train", str(config)]
     env = {**os.environ, **TORCHRUN_ENV, "OMP_NUM_THREADS": "1"}  # as torchrun sets for the reference's 2 local ranks
-    nodes = [subprocess.Popen(node, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for _ in range(2)]
-    outputs = [process.communicate(timeout=RANK_TIMEOUT_S)[0] for process in nodes]
-    assert [process.returncode for process in nodes] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    logs = [tmp_path / f"node{i}.log" for i in range(2)]
+    nodes = []
+    for log in logs:
+        with log.open("w") as out:
+            nodes.append(subprocess.Popen(node, env=env, stdout=out, stderr=subprocess.STDOUT))
+    deadline = time.monotonic() + RANK_TIMEOUT_S
+    while any(process.poll() is None for process in nodes) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    hung = [i for i, process in enumerate(nodes) if process.poll() is None]
+    for i in hung:  # the node and its rank (torchrun starts ranks in sessions of their own)
+        agent = psutil.Process(nodes[i].pid)
+        for process in [*agent.children(recursive=True), agent]:
+            process.kill()
+    tails = "".join(f"--- node {i} ---\n{log.read_text(errors='replace')[-2000:]}" for i, log in enumerate(logs))
+    assert not hung, f"node(s) {hung} still running after {RANK_TIMEOUT_S}s:\n{tails}"
+    assert [process.wait() for process in nodes] == [0, 0], tails
     result = json.loads((tmp_path / "run" / "train_result.json").read_text())
     assert result["test_metrics"] == json.loads((launched["reference"] / "run" / "train_result.json").read_text())["test_metrics"]
     expected = load_checkpoint(launched["reference"] / "run" / "checkpoints" / "last.pt")["model"]

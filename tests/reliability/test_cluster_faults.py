@@ -15,7 +15,8 @@ import pytest
 from jobs.config import load_config
 from jobs.etl import run_etl
 from jobs.submit import build_submit_command
-from spark_cluster import free_port, spark_env, standalone_cluster
+from ports import free_port
+from spark_cluster import spark_env, standalone_cluster
 from test_cluster import EXECUTORS, split_ids
 from test_etl_tables import BAD_LINES, HEADER, clean_row, csv_line, table_config
 

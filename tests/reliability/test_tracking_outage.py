@@ -21,7 +21,8 @@ import pytest
 from dl.checkpoint import load_checkpoint
 from jobs.tracking import MetricsBuffer, TrackingUnavailable, outage_reported
 from jobs.train import TORCHRUN_ENV
-from test_mlflow_server import _free_port, mlflow_server
+from ports import free_port
+from test_mlflow_server import mlflow_server
 from test_training import _synthetic_run
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -66,7 +67,7 @@ def go_on_without_server(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_metrics_logged_while_the_server_is_down_reach_the_run_when_it_returns(tmp_path):
-    store, port = tmp_path / "server", _free_port()
+    store, port = tmp_path / "server", free_port()
     store.mkdir()
     with mlflow_server(store, port) as url, paused_training(tmp_path, url, budget_s=300) as training:
         pass  # leaving the block stops the server (SIGTERM, waited for) with training paused after epoch 1
@@ -116,7 +117,7 @@ def test_an_outage_longer_than_the_budget_fails_with_the_tracking_error(tmp_path
 
 
 def test_an_unreachable_server_buffers_without_waiting_backs_off_and_fails_after_the_budget(caplog):
-    uri = f"http://127.0.0.1:{_free_port()}"  # nothing listens there: each attempt is refused at once
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there: each attempt is refused at once
     metrics = MetricsBuffer(uri, "0" * 32, budget_s=1.0, first_retry_s=0.2, max_retry_s=0.4)
     with caplog.at_level(logging.WARNING, logger="dlpipe.tracking"):
         metrics.log({"train_loss": 0.5}, 1)  # refused: buffered, training goes on
