@@ -85,10 +85,12 @@ def scratch_directory(target: Path) -> Iterator[Path]:
 
 
 def _fresh_staging(target: Path) -> Path:
-    """A new `.<name>.tmp-<id>` path next to `target` (not created), after removing the ones earlier writers left."""
+    """A new `.<name>.tmp-<id>` path next to `target` (not created), after removing what earlier writers left: their
+    staging folders, and replaced outputs (`.<name>.old-<id>`) a writer killed while deleting them did not finish."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    for stale in target.parent.glob(f".{target.name}.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
+    for pattern in (f".{target.name}.tmp-*", f".{target.name}.old-*"):
+        for stale in target.parent.glob(pattern):
+            shutil.rmtree(stale, ignore_errors=True)
     return target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
 
 
