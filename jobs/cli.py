@@ -15,6 +15,7 @@ from pathlib import Path
 from jobs.config import ConfigError, load_config
 from jobs.run import STAGES
 from jobs.stage import LOG_FORMAT_ENV, LOG_FORMATS, configure_logging, log_format
+from jobs.termination import EXIT_TERMINATED, raise_on_sigterm, settle, stop_requested
 
 EXIT_CONFIG = 2
 EXIT_DATA = 3
@@ -25,7 +26,8 @@ EXIT_LOCKED = 7
 
 EPILOG = """exit codes: 0 ok, 2 bad config, 3 bad or insufficient data (or an upstream stage not complete),
   4 training failed, 5 MLflow tracking/registry unavailable, 6 promotion failed (candidate unusable),
-  7 the pipeline is already running, or another job is writing the same output (lock held).
+  7 the pipeline is already running, or another job is writing the same output (lock held),
+  143 stopped by SIGTERM (its MLflow run ended, staging folders and torchrun's ranks cleaned up).
 examples:
   dlpipe sample digits --out data/raw/digits
   dlpipe validate conf/digits_cnn.yaml train.epochs=5
@@ -199,19 +201,30 @@ def main(argv: list[str] | None = None) -> int:
         (PromotionError, EXIT_PROMOTION, "promotion failed"),
         (LockHeld, EXIT_LOCKED, "locked"),  # the pipeline's lock, or an output's
     )
-    try:
-        if args.command in NEEDS_TRACKING:
-            require_tracking(load_config(args.config, args.overrides).tracking_uri)
-        args.handler(args)
-    except tuple(kind for kind, _, _ in failures) as exc:
-        code, label = next((code, label) for kind, code, label in failures if isinstance(exc, kind))
-        if log_format() == "json":
-            print(json.dumps({"level": "ERROR", "logger": "dlpipe", "message": f"{label}: {exc}", "failure": label,
-                              "exit_code": code}), file=sys.stderr)
-        else:
-            print(f"dlpipe: {label}: {exc}", file=sys.stderr)
-        return code
+    with raise_on_sigterm():
+        try:
+            if args.command in NEEDS_TRACKING:
+                require_tracking(load_config(args.config, args.overrides).tracking_uri)
+            args.handler(args)
+        except BaseException as exc:
+            settle()
+            failure = next(((code, label, exc) for kind, code, label in failures if isinstance(exc, kind)), None)
+            if stop_requested():  # `Terminated`, or whatever error the stopped Spark session raised first
+                failure = (EXIT_TERMINATED, "terminated", stop_requested())
+            if failure is None:
+                raise
+            _report_failure(*failure)
+            return failure[0]
     return 0
+
+
+def _report_failure(code: int, label: str, reason) -> None:
+    """The failure's one line on stderr (a JSON object with `--log-format json`)."""
+    if log_format() == "json":
+        print(json.dumps({"level": "ERROR", "logger": "dlpipe", "message": f"{label}: {reason}", "failure": label,
+                          "exit_code": code}), file=sys.stderr)
+    else:
+        print(f"dlpipe: {label}: {reason}", file=sys.stderr)
 
 
 if __name__ == "__main__":

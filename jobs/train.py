@@ -12,13 +12,15 @@ import platform
 import subprocess
 import sys
 import tempfile
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 from importlib import metadata
 from pathlib import Path
 from typing import Iterator
 
 import mlflow
+import psutil
 import torch
+from mlflow import MlflowClient
 
 from dl import plots
 from dl.augment import ImageAugment
@@ -167,15 +169,51 @@ def main(argv: list[str] | None = None) -> int:
 def launch(cfg_path: str | Path, overrides: list[str] | tuple[str, ...] = (), world_size: int = 1) -> int:
     """Run `jobs.train` on `world_size` local ranks under torchrun, restarted up to `train.max_restarts` times
     from the last checkpoint; the exit code is non-zero if a rank failed for good."""
-    restarts = load_config(cfg_path, overrides).train.max_restarts
+    cfg = load_config(cfg_path, overrides)
     # torchrun's per-rank folders (left in /tmp by default, one set per launch) go in one removed afterwards
     with tempfile.TemporaryDirectory(prefix="dlpipe-torchrun-") as rank_dirs:
         command = [
             sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world_size}",
-            f"--max-restarts={restarts}", f"--log-dir={rank_dirs}", "-m", "jobs.train", str(cfg_path), *overrides,
+            f"--max-restarts={cfg.train.max_restarts}", f"--log-dir={rank_dirs}", "-m", "jobs.train", str(cfg_path),
+            *overrides,
         ]
         log.info("launching %s", " ".join(command))
-        return subprocess.run(command, env={**os.environ, **TORCHRUN_ENV}, check=False).returncode
+        torchrun = subprocess.Popen(command, env={**os.environ, **TORCHRUN_ENV})
+        try:
+            return torchrun.wait()
+        except BaseException:  # the launcher is stopping (SIGTERM, Ctrl-C): its ranks must not go on without it
+            _stop(torchrun)
+            _end_killed_run(cfg)
+            raise
+
+
+def _stop(torchrun: subprocess.Popen, grace_s: float = 60.0) -> None:
+    """Stop torchrun and its ranks: SIGTERM (torchrun passes it on to the ranks and waits for them), then SIGKILL
+    for whatever is left after `grace_s`. The ranks run in sessions of their own, so they are found first."""
+    try:
+        ranks = psutil.Process(torchrun.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        ranks = []
+    torchrun.terminate()
+    try:
+        torchrun.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        torchrun.kill()
+    for rank in ranks:
+        with suppress(psutil.NoSuchProcess):
+            rank.kill()
+
+
+def _end_killed_run(cfg: PipelineConfig) -> None:
+    """Mark the training's MLflow run KILLED if a stopped rank 0 left it RUNNING (best effort: never raises)."""
+    run_id_file = cfg.checkpoint_dir / "mlflow_run_id"
+    try:
+        client = MlflowClient(tracking_uri=cfg.tracking_uri)
+        run_id = run_id_file.read_text().strip()
+        if client.get_run(run_id).info.status == "RUNNING":
+            client.set_terminated(run_id, "KILLED")
+    except Exception as exc:  # no run yet, or tracking unreachable: the stop itself matters more
+        log.warning("could not mark the training run in %s as KILLED: %s", run_id_file, exc)
 
 
 if __name__ == "__main__":

@@ -8,12 +8,15 @@ import sys
 import time
 from pathlib import Path
 
+import mlflow
+import psutil
 import pytest
 
 from jobs.cli import EXIT_LOCKED, EXIT_PROMOTION, EXIT_TRACKING, EXIT_TRAINING
 from jobs.config import load_config
 from jobs.run import run_stages
 from jobs.state import marker_path, pipeline_lock, read_marker
+from jobs.termination import EXIT_TERMINATED
 from test_etl import write_class_folders
 
 DIGITS = Path(__file__).resolve().parents[1] / "conf" / "digits_cnn.yaml"
@@ -88,6 +91,65 @@ def test_stage_killed_mid_write_is_not_marked_complete_and_is_redone(pipeline, s
     redone = run_stages(DIGITS, overrides, only="etl")["etl"]
     assert redone["fingerprint"] == before["fingerprint"] and redone["finished_at"] > before["finished_at"]
     assert not list(cfg.run_dir.glob(".dataset.tmp-*"))  # the killed writer's staging folder is gone
+
+
+def _terminated(process: subprocess.Popen) -> tuple[int, str, list[psutil.Process]]:
+    """SIGTERM `process` as a scheduler would (the process alone, not its group): (exit code, stderr, the processes
+    it had started that are still there a few seconds after it exited)."""
+    children = psutil.Process(process.pid).children(recursive=True)  # the JVM, or torchrun and its ranks
+    process.send_signal(signal.SIGTERM)
+    code, err = finished(process)
+    _, alive = psutil.wait_procs(children, timeout=15)
+    return code, err, alive
+
+
+def _last_run(cfg, stage: str) -> mlflow.entities.Run:
+    client = mlflow.MlflowClient(tracking_uri=cfg.tracking_uri)
+    experiment = client.get_experiment_by_name(cfg.experiment_name)
+    (run,) = client.search_runs([experiment.experiment_id], f"tags.`dlpipe.stage` = '{stage}'",
+                                order_by=["attributes.start_time DESC"], max_results=1)
+    return run
+
+
+def test_sigterm_during_the_etl_write_ends_its_run_and_leaves_nothing_behind(pipeline, spark):
+    root, overrides = pipeline
+    cfg = load_config(DIGITS, overrides)
+    run_stages(DIGITS, overrides, only="etl", force=True)
+    process = dlpipe("etl", str(DIGITS), *overrides, "split.seed=13", cwd=root)
+    deadline = time.monotonic() + 300
+    while not list(cfg.run_dir.glob(".dataset.tmp-*")):  # Spark is writing the new dataset
+        assert process.poll() is None and time.monotonic() < deadline, "ETL ended before it started writing"
+        time.sleep(0.02)
+    code, err, alive = _terminated(process)
+    assert code == EXIT_TERMINATED, err
+    assert err.strip().splitlines()[-1] == "dlpipe: terminated: stopped by SIGTERM"
+    assert alive == []  # its Spark JVM went with it
+    assert read_marker(cfg, "etl") is None
+    assert not list(cfg.run_dir.glob(".dataset.tmp-*")) and not list(cfg.run_dir.glob(".checked.tmp-*"))
+    assert _last_run(cfg, "etl").info.status == "FAILED"  # not RUNNING forever
+    with pipeline_lock(cfg):  # released
+        pass
+
+
+@pytest.mark.slow
+def test_sigterm_during_training_stops_every_rank_and_marks_the_run_killed(pipeline, spark):
+    root, overrides = pipeline
+    cfg = load_config(DIGITS, overrides)
+    run_stages(DIGITS, overrides, only="etl")
+    run_id_file = cfg.checkpoint_dir / "mlflow_run_id"
+    run_id_file.unlink(missing_ok=True)
+    process = dlpipe("train", str(DIGITS), *overrides, "train.epochs=500", "train.world_size=2", cwd=root)
+    deadline = time.monotonic() + 300
+    while not run_id_file.exists():  # rank 0 has opened the training run: the ranks are training
+        assert process.poll() is None and time.monotonic() < deadline, "training ended before it started"
+        time.sleep(0.1)
+    time.sleep(2)
+    code, err, alive = _terminated(process)
+    assert code == EXIT_TERMINATED, err
+    assert alive == []  # torchrun and both ranks stopped
+    run = mlflow.MlflowClient(tracking_uri=cfg.tracking_uri).get_run(run_id_file.read_text().strip())
+    assert run.info.status == "KILLED"
+    assert read_marker(cfg, "train") is None
 
 
 def test_second_run_of_the_same_pipeline_is_refused_by_the_lock(pipeline):
