@@ -57,12 +57,13 @@ def _terminate(signum: int, frame) -> None:
 
 
 def _raise_outside_the_jvm(frame) -> None:
-    """Raise `Terminated` now, unless the main thread is inside a call to the JVM: PySpark keeps one connection per
-    thread, and a call cut short leaves its answer unread for the next one. Then look again in RECHECK_S (Spark is
-    stopped, so the call returns soon)."""
+    """Raise `Terminated` now, unless the main thread is inside a call to the JVM (PySpark keeps one connection per
+    thread, and a call cut short leaves its answer unread for the next one) or already unwinding from an exception
+    (its clean-up, e.g. removing a staging folder, must not be cut short). Then look again in RECHECK_S: Spark is
+    stopped, so a call to it returns soon, with an error."""
     if _settled:
         return
-    if _in_jvm_call(frame):
+    if _in_jvm_call(frame) or sys.exc_info()[1] is not None:
         signal.signal(signal.SIGALRM, lambda _, later: _raise_outside_the_jvm(later))
         signal.setitimer(signal.ITIMER_REAL, RECHECK_S)
         return
