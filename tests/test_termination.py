@@ -7,7 +7,15 @@ import time
 
 import pytest
 
+from jobs import termination
 from jobs.termination import Terminated, raise_on_sigterm, stop_requested
+
+
+@pytest.fixture(autouse=True)
+def _spark_left_running(monkeypatch):
+    """A stop would stop this test process's Spark session, which later tests share (tests/test_scheduling.py stops
+    a real job's)."""
+    monkeypatch.setattr(termination, "_stop_spark", lambda: None)
 
 
 def _sigterm_then_wait(seconds: float) -> None:
