@@ -48,6 +48,11 @@ log = logging.getLogger("dlpipe.train")
 TORCHRUN_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 
 
+def _run_id_file(cfg: PipelineConfig) -> Path:
+    """Where rank 0 keeps the id of the training's MLflow run (a resumed training reopens that run)."""
+    return cfg.checkpoint_dir / "mlflow_run_id"
+
+
 @contextmanager
 def tracked_run(cfg: PipelineConfig, manifest: dict) -> Iterator[mlflow.ActiveRun]:
     """Open the training run (creating the experiment when missing); record config, manifest and lineage.
@@ -55,7 +60,7 @@ def tracked_run(cfg: PipelineConfig, manifest: dict) -> Iterator[mlflow.ActiveRu
     A resumed training (`train.resume`, or a torchrun restart) reopens the run it resumes, so one run holds every epoch.
     """
     use_experiment(cfg)
-    run_id_file = cfg.checkpoint_dir / "mlflow_run_id"
+    run_id_file = _run_id_file(cfg)
     if resumes(cfg.train, cfg.checkpoint_dir) and run_id_file.is_file():
         with mlflow.start_run(run_id=run_id_file.read_text().strip()) as run:
             yield run
@@ -206,7 +211,7 @@ def _stop(torchrun: subprocess.Popen, grace_s: float = 60.0) -> None:
 
 def _end_killed_run(cfg: PipelineConfig) -> None:
     """Mark the training's MLflow run KILLED if a stopped rank 0 left it RUNNING (best effort: never raises)."""
-    run_id_file = cfg.checkpoint_dir / "mlflow_run_id"
+    run_id_file = _run_id_file(cfg)
     try:
         client = MlflowClient(tracking_uri=cfg.tracking_uri)
         run_id = run_id_file.read_text().strip()

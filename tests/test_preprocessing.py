@@ -5,6 +5,7 @@ from datetime import datetime, timedelta
 
 import numpy as np
 import pytest
+from pyspark.sql import functions as F
 
 from jobs.config import NormalizeConf, SplitConf
 from pipelines import scaling
@@ -50,7 +51,7 @@ def test_scaler_statistics_and_the_spark_and_numpy_paths_agree(train, conf, offs
     if not unrolled:  # arrays wider than UNROLLED_WIDTH are scaled by a lambda over the elements
         monkeypatch.setattr(scaling, "UNROLLED_WIDTH", 1)
     # given the elements, each is aggregated in place; given the array column, its arrays are exploded and grouped
-    column = [scaling.F.col("raw")[i] for i in range(2)] if in_place else "raw"
+    column = [F.col("raw")[i] for i in range(2)] if in_place else "raw"
     scaler = fit_scaler(train, column, conf, group_size=1, names=["a", "b"] if in_place else None)
     np.testing.assert_allclose(scaler.offset, offset, rtol=1e-6)
     np.testing.assert_allclose(scaler.scale, scale, rtol=1e-6)
