@@ -204,6 +204,7 @@ def _stop(torchrun: subprocess.Popen, grace_s: float = 60.0) -> None:
         torchrun.wait(grace_s)
     except subprocess.TimeoutExpired:
         torchrun.kill()
+        torchrun.wait()
     for rank in ranks:
         with suppress(psutil.NoSuchProcess):
             rank.kill()

@@ -510,3 +510,25 @@ def test_launch_fails_promptly_when_a_rank_fails(tmp_path, capfd, monkeypatch):
     assert "1 Parquet row group(s) for world size 2" in capfd.readouterr().err
     assert not (tmp_path / "run" / "train_result.json").exists()
     assert list(temp.iterdir()) == []
+
+
+# A torchrun that ignores SIGTERM, with a "rank" in a session of its own (as torchrun starts them); prints its pid.
+STUBBORN_LAUNCHER = """
+import signal, subprocess, sys, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+rank = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True)
+print(rank.pid, flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_launcher_that_ignores_sigterm_is_killed_with_its_ranks_after_the_grace_period():
+    from jobs.train import _stop
+
+    launcher = subprocess.Popen([sys.executable, "-c", STUBBORN_LAUNCHER], stdout=subprocess.PIPE, text=True)
+    rank = psutil.Process(int(launcher.stdout.readline()))
+    _stop(launcher, grace_s=0.5)
+    assert launcher.returncode == -9  # SIGTERM ignored, then killed and reaped
+    rank.wait(timeout=10)  # killed too, though not a child torchrun's signal would reach
+    assert not rank.is_running()
+    launcher.stdout.close()
