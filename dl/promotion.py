@@ -21,10 +21,10 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from pyspark.sql import SparkSession
 
+from dl.registry import CHAMPION
 from jobs.config import PromoteConf
 from pipelines.errors import DataError
 
-CHAMPION = "champion"
 CHALLENGER = "challenger"
 TAG_PREFIX = "promotion."
 

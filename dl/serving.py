@@ -10,7 +10,6 @@ dict, never unpickled as a module.
 from __future__ import annotations
 
 import math
-import re
 import tempfile
 from importlib import metadata
 from pathlib import Path
@@ -26,6 +25,7 @@ from mlflow.types.schema import Array, ColSpec, Schema
 from pydantic import TypeAdapter
 
 from dl.models import build_model
+from dl.registry import resolve_model_version
 from dl.tasks import Task, build_task
 from jobs.config import Model, PipelineConfig
 from pipelines.scaling import FittedScaler
@@ -304,28 +304,6 @@ def log_and_register(network: torch.nn.Module, cfg: PipelineConfig, manifest: di
     if content_hash:
         client.set_model_version_tag(cfg.registered_model_name, version, "dataset_content_hash", content_hash)
     return client.get_model_version(cfg.registered_model_name, version)
-
-
-_MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>[^/]+)|@(?P<alias>[^/]+))$")
-
-
-def resolve_model_version(model_uri: str, client: MlflowClient | None = None) -> ModelVersion:
-    """The registry version behind `models:/NAME/VERSION`, `models:/NAME/latest` or `models:/NAME@alias`."""
-    match = _MODEL_URI.match(model_uri)
-    if not match:
-        raise ValueError(f"model uri {model_uri!r}: expected models:/NAME/VERSION, models:/NAME/latest or models:/NAME@alias")
-    client = client or MlflowClient()
-    name, version, alias = match["name"], match["version"], match["alias"]
-    if alias:
-        return client.get_model_version_by_alias(name, alias)
-    if version == "latest":
-        versions = client.search_model_versions(f"name = '{name}'")
-        if not versions:
-            raise ValueError(f"model uri {model_uri!r}: registered model '{name}' has no versions")
-        return max(versions, key=lambda v: int(v.version))
-    if not version.isdigit():
-        raise ValueError(f"model uri {model_uri!r}: version must be a number or 'latest'")
-    return client.get_model_version(name, version)
 
 
 def resolve_device(device: str) -> torch.device:

@@ -24,7 +24,8 @@ EXIT_TRACKING = 5
 EXIT_PROMOTION = 6
 EXIT_LOCKED = 7
 
-EPILOG = """exit codes: 0 ok, 2 bad config, 3 bad or insufficient data (or an upstream stage not complete),
+EPILOG = """exit codes: 0 ok, 2 bad config, 3 bad or insufficient data (or an upstream stage not complete,
+  or the model to score is not in the registry),
   4 training failed, 5 MLflow tracking/registry unavailable, 6 promotion failed (candidate unusable),
   7 the pipeline is already running, or another job is writing the same output (lock held),
   143 stopped by SIGTERM (its MLflow run ended, staging folders and torchrun's ranks cleaned up).
@@ -183,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)  # before the heavy imports: `--help` stays instant
 
     from dl.promotion import PromotionError
+    from dl.registry import ModelNotFound
     from jobs.run import TrainingFailed
     from jobs.state import StageIncomplete
     from jobs.tracking import TrackingUnavailable, require_tracking
@@ -196,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         (ConfigError, EXIT_CONFIG, "config error"),
         (DataError, EXIT_DATA, "data error"),
         (StageIncomplete, EXIT_DATA, "missing input"),
+        (ModelNotFound, EXIT_DATA, "model not found"),
         (TrainingFailed, EXIT_TRAINING, "training failed"),
         (TrackingUnavailable, EXIT_TRACKING, "tracking unavailable"),
         (PromotionError, EXIT_PROMOTION, "promotion failed"),

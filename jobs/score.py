@@ -8,14 +8,14 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from pyspark.sql import SparkSession
 
-from dl.serving import resolve_model_version
+from dl.registry import resolve_model_version
 from jobs.config import ConfigError, DriftConf, PipelineConfig
 from jobs.stage import stage
 from jobs.tracking import use_experiment
 from pipelines.atomic import output_lock
 from pipelines.drift import population_stability
 from pipelines.errors import DataError
-from pipelines.input_schema import NUMERIC_ARRAY_TYPES, check_columns
+from pipelines.input_schema import NUMERIC_ARRAY_TYPES, check_columns, check_parquet_input
 from pipelines.scoring import score_parquet
 from pipelines.spark import spark_session
 
@@ -60,6 +60,9 @@ def run_score(
 ) -> dict:
     """Score `input_path` (default: the test split) with `model_uri` (default: the `champion` alias).
 
+    DataError when the input does not exist or holds no Parquet file; ModelNotFound when the registry has no
+    such model, version or alias.
+
     The job is an MLflow run of the pipeline's experiment, tagged with the model version it used and
     that version's training run, so a predictions table leads back to its model and data. The job holds
     `output_lock(output_path)` throughout: a second job writing the same output is refused (OutputLocked).
@@ -72,6 +75,7 @@ def run_score(
         version = resolve_model_version(model_uri)
     except ValueError as exc:
         raise ConfigError(f"{exc}; models are scored only from the configured registry {cfg.tracking_uri}") from None
+    check_parquet_input(input_path, "scoring input")
     with output_lock(output_path), stage("score") as summary, mlflow.start_run(run_name=f"score-{cfg.name}") as run:
         mlflow.set_tags({
             "dlpipe.stage": "score",

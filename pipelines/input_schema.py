@@ -1,7 +1,8 @@
 """Schema drift between training and scoring inputs: the columns a job reads, checked against the input's schema.
 
 The check needs only the schema (Spark reads the Parquet footers), so a missing, renamed or retyped column fails
-before any job reads a row, naming the column, the type expected and the type found.
+before any job reads a row, naming the column, the type expected and the type found. An input path that does not
+exist or holds no Parquet file fails before Spark is asked to read it.
 """
 from __future__ import annotations
 
@@ -17,6 +18,17 @@ KEY_TYPES = ("string", "int", "bigint")
 NUMERIC_ARRAY_TYPES = ("array<float>", "array<double>")  # raw features; the dataset writes array<float>
 LABEL_TYPES = ("int", "bigint", "string")  # a class index, or a class name
 TARGET_TYPES = ("float", "double", *NUMERIC_ARRAY_TYPES)
+
+
+def check_parquet_input(path: str | Path, what: str) -> None:
+    """DataError naming `what` and `path` unless `path` is a file or a folder with a Parquet file below it
+    (names starting with `_` or `.` skipped, as Spark skips them)."""
+    root = Path(path)
+    if not root.exists():
+        raise DataError(f"{what} {root} does not exist")
+    visible = lambda p: not any(part.startswith(("_", ".")) for part in p.relative_to(root).parts)  # noqa: E731
+    if root.is_dir() and not any(visible(p) for p in root.rglob("*.parquet")):
+        raise DataError(f"{what} {root} holds no Parquet file")
 
 
 def check_columns(

@@ -22,6 +22,7 @@ from pyspark import TaskContext
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql.types import ArrayType, BooleanType, FloatType, IntegerType, StringType, StructField, StructType
 
+from dl.registry import resolve_model_version
 from pipelines.atomic import atomic_directory
 from pipelines.errors import DataError
 from pipelines.input_schema import KEY_TYPES, LABEL_TYPES, NUMERIC_ARRAY_TYPES, TARGET_TYPES, check_columns
@@ -177,8 +178,6 @@ def score_parquet(
     `input_col` names another column holding it. `device` is where workers run the model: `auto` (CUDA on
     executors that have it, else CPU), `cpu` or `cuda`.
     """
-    from dl.serving import resolve_model_version
-
     version = resolve_model_version(model_uri)
     pinned = f"models:/{version.name}/{version.version}"
     input_kind, model_col = model_input(pinned)

@@ -10,8 +10,10 @@ import pyarrow as pa
 import pytest
 from mlflow import MlflowClient
 
-from dl.serving import ServingModel, load_scoring_model, resolve_model_version
+from dl.registry import ModelNotFound, resolve_model_version
+from dl.serving import ServingModel, load_scoring_model
 from jobs.score import run_score
+from pipelines.errors import DataError
 from pipelines.scoring import BadFeatureRow, feature_matrix, score_parquet
 from registry_helpers import WIDTH, network, pipeline_config, register, scaler, tracking
 from registry_helpers import expected as _expected, raw_rows as _raw, write_dataset as _write_dataset
@@ -45,6 +47,41 @@ def test_registered_versions_and_uri_forms(registry):
     assert (name, version, run_id) == (NAME, "1", first.run_id)
     with pytest.raises(ValueError, match="expected models:/NAME"):
         resolve_model_version("runs:/abc/model")
+
+
+@pytest.mark.parametrize("uri, message", [
+    (f"models:/{NAME}@nope", f"model '{NAME}' has no alias 'nope'; its aliases: champion -> 1"),
+    (f"models:/{NAME}/9", f"model '{NAME}' has no version 9; its versions: 1, 2"),
+    ("models:/other@champion", "the registry has no model named 'other'"),
+    ("models:/unversioned/latest", "model 'unversioned' has no version latest; its versions: none"),
+    ("models:/unversioned@champion",
+     "model 'unversioned' has no alias 'champion' (`dlpipe promote` sets it); its aliases: none"),
+], ids=["alias", "version", "model", "latest-of-none", "champion-of-none"])
+def test_a_model_version_or_alias_the_registry_lacks_is_named_with_what_it_has(registry, uri, message):
+    client = MlflowClient()
+    if not client.search_registered_models("name = 'unversioned'"):
+        client.create_registered_model("unversioned")
+    with pytest.raises(ModelNotFound) as raised:
+        resolve_model_version(uri)
+    assert str(raised.value) == f"{uri}: {message}"
+
+
+@pytest.mark.parametrize("made", ["nothing", "an empty folder", "a folder of markers"])
+def test_run_score_names_an_input_without_parquet_before_it_starts(registry, tmp_path, made):
+    cfg, missing = registry.cfg, tmp_path / "input"
+    if made != "nothing":
+        (missing / "split=test").mkdir(parents=True)
+    if made == "a folder of markers":  # what Spark leaves and skips: no data file among them
+        for name in ("_SUCCESS", ".part-0.parquet.crc", "_temporary/part-0.parquet"):
+            (missing / name).parent.mkdir(exist_ok=True)
+            (missing / name).write_bytes(b"")
+    runs_before = len(mlflow.search_runs(search_all_experiments=True))
+    with pytest.raises(DataError) as raised:
+        run_score(cfg, input_path=missing, output_path=tmp_path / "predictions")
+    what = "does not exist" if made == "nothing" else "holds no Parquet file"
+    assert str(raised.value) == f"scoring input {missing} {what}"
+    assert len(mlflow.search_runs(search_all_experiments=True)) == runs_before  # no MLflow run was started
+    assert not list(tmp_path.glob("*predictions*"))
 
 
 def test_pyfunc_matches_torch_on_scaled_raw_features(registry):
