@@ -9,9 +9,11 @@ Reasons name the column and the kind of problem, never the value (the value is i
 """
 from __future__ import annotations
 
+import re
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
+from urllib.parse import unquote, urlparse
 
 from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
@@ -33,6 +35,10 @@ _BLANK_LINE = r"^[\x00-\x20]*$"  # what Java's String.trim() removes: CSV skips 
 # parsing would also accept non-ASCII digits.
 _PARSED_BY_CSV_READER = {"float": FloatType(), "double": DoubleType(), "string": StringType()}
 _REREAD = "_reread"  # a CSV line the reader flagged, split again with every column as text
+# Spark's CSVHeaderChecker (enforceSchema=false), raised from the task that reads a file's first line
+_HEADER_NAMES = re.compile(r"Expected: (?P<expected>.*) but found: (?P<found>.*)\nCSV file: (?P<file>\S+)")
+_HEADER_LENGTH = re.compile(
+    r"Header length: (?P<found>\d+), schema size: (?P<expected>\d+)\s*\nCSV file: (?P<file>\S+)")
 
 
 def source_files(path: Path) -> list[Path]:
@@ -92,6 +98,23 @@ def _read(spark: SparkSession, source: FileSource, files: list[Path]) -> DataFra
     options = {"mode": "PERMISSIVE", "columnNameOfCorruptRecord": CORRUPT_RECORD, "sep": source.delimiter}
     flagged = F.col(CORRUPT_RECORD)
     return rows.withColumn(_REREAD, F.when(flagged.isNotNull(), F.from_csv(flagged, _ddl(_as_text(source)), options)))
+
+
+@contextmanager
+def _header_checked(source: FileSource) -> Iterator[None]:
+    """Spark's refusal of a CSV header that does not name the declared columns in order, as a DataError naming the
+    file and the first difference (Spark checks it as the first pass reads each file's first line)."""
+    try:
+        yield
+    except Exception as exc:
+        names, length = _HEADER_NAMES.search(str(exc)), _HEADER_LENGTH.search(str(exc))
+        if not (source.file_format == "csv" and source.header and (names or length)):
+            raise
+        found = names or length
+        problem = (f"expected the column '{found['expected']}' where it has '{found['found']}'" if names else
+                   f"it has {found['found']} columns, the declared schema {found['expected']}")
+        raise DataError(f"CSV file {unquote(urlparse(found['file']).path)}: the header does not match the declared "
+                        f"columns (source.columns, in order): {problem}") from None
 
 
 def _read_json_lines(spark: SparkSession, text: StructType, paths: list[str]) -> DataFrame:
@@ -250,7 +273,7 @@ def checked_table(spark: SparkSession, source: FileSource, files: list[Path], sc
     of the key alone; only rows of repeated keys are ordered, and the few rows found are joined back (broadcast).
     """
     with ExitStack() as kept:
-        with small_generated_methods(spark):  # the checks run as the rows are written
+        with small_generated_methods(spark), _header_checked(source):  # the checks run as the rows are written
             rows = kept.enter_context(kept_as_parquet(ingest_table(spark, source, files, check), scratch,
                                                       dictionary=_few_values(source)))
         clean = rows.where(is_clean())

@@ -216,6 +216,23 @@ def test_duplicates_fail_the_job_when_declared(spark, tmp_path):
         run_etl(cfg)
 
 
+@pytest.mark.parametrize("header, problem", [
+    ("id,y,x,color,shape,label", "expected the column 'x' where it has 'y'"),
+    ("id,x,y,color,label", "it has 5 columns, the declared schema 6"),
+], ids=["reordered", "one-missing"])
+def test_a_csv_header_unlike_the_declared_columns_fails_naming_the_file(spark, tmp_path, header, problem):
+    good, bad = tmp_path / "in" / "part-0.csv", tmp_path / "in" / "part-1.csv"
+    good.parent.mkdir()
+    good.write_text("\n".join([HEADER, *(csv_line(clean_row(i)) for i in range(6))]) + "\n")
+    bad.write_text("\n".join([header, *(csv_line(clean_row(i)) for i in range(6, 12))]) + "\n")
+    cfg = table_config(good.parent, tmp_path / "run")
+    with pytest.raises(DataError) as raised:  # not read by position into the wrong columns, nor a JVM stack trace
+        run_etl(cfg)
+    assert str(raised.value) == (f"CSV file {bad.resolve()}: the header does not match the declared columns "
+                                 f"(source.columns, in order): {problem}")
+    assert not cfg.dataset_dir.exists()
+
+
 def test_too_many_bad_rows_fail_with_the_fraction(spark, tmp_path):
     path = tmp_path / "bad.csv"
     path.write_text("\n".join([HEADER, *(csv_line(clean_row(i)) for i in range(6)), "7,x,1,red,,a", "8,,1,red,,a"]) + "\n")
