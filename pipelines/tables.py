@@ -35,10 +35,18 @@ _BLANK_LINE = r"^[\x00-\x20]*$"  # what Java's String.trim() removes: CSV skips 
 # parsing would also accept non-ASCII digits.
 _PARSED_BY_CSV_READER = {"float": FloatType(), "double": DoubleType(), "string": StringType()}
 _REREAD = "_reread"  # a CSV line the reader flagged, split again with every column as text
-# Spark's CSVHeaderChecker (enforceSchema=false), raised from the task that reads a file's first line
-_HEADER_NAMES = re.compile(r"Expected: (?P<expected>.*) but found: (?P<found>.*)\nCSV file: (?P<file>\S+)")
-_HEADER_LENGTH = re.compile(
-    r"Header length: (?P<found>\d+), schema size: (?P<expected>\d+)\s*\nCSV file: (?P<file>\S+)")
+# Spark's refusals of a whole input file, raised by the task that reads it: (what Spark says, what dlpipe says)
+_HEADER = "the header does not match the declared columns (source.columns, in order)"
+_FILE_REFUSALS = (
+    (re.compile(r"Expected: (?P<expected>.*) but found: (?P<found>.*)\nCSV file: (?P<file>\S+)"),
+     "CSV file {file}: " + _HEADER + ": expected the column '{expected}' where it has '{found}'"),
+    (re.compile(r"Header length: (?P<found>\d+), schema size: (?P<expected>\d+)\s*\nCSV file: (?P<file>\S+)"),
+     "CSV file {file}: " + _HEADER + ": it has {found} columns, the declared schema {expected}"),
+    (re.compile(r"Parquet column cannot be converted in file (?P<file>\S+)\. "
+                r"Column: \[(?P<column>[^]]*)\], Expected: (?P<expected>\S+), Found: (?P<found>\w+)"),
+     "Parquet file {file}: column '{column}' is stored as {found}, where the schema Spark took from another file of "
+     "the source has {expected}: every file must store a column in one type"),
+)
 
 
 def source_files(path: Path) -> list[Path]:
@@ -101,20 +109,18 @@ def _read(spark: SparkSession, source: FileSource, files: list[Path]) -> DataFra
 
 
 @contextmanager
-def _header_checked(source: FileSource) -> Iterator[None]:
-    """Spark's refusal of a CSV header that does not name the declared columns in order, as a DataError naming the
-    file and the first difference (Spark checks it as the first pass reads each file's first line)."""
+def _file_refusals_named() -> Iterator[None]:
+    """Spark's refusal of a whole input file (a CSV header unlike the declared columns; a Parquet column stored in
+    another type than in the other files) as a DataError naming the file and the difference, not a JVM stack trace."""
     try:
         yield
     except Exception as exc:
-        names, length = _HEADER_NAMES.search(str(exc)), _HEADER_LENGTH.search(str(exc))
-        if not (source.file_format == "csv" and source.header and (names or length)):
-            raise
-        found = names or length
-        problem = (f"expected the column '{found['expected']}' where it has '{found['found']}'" if names else
-                   f"it has {found['found']} columns, the declared schema {found['expected']}")
-        raise DataError(f"CSV file {unquote(urlparse(found['file']).path)}: the header does not match the declared "
-                        f"columns (source.columns, in order): {problem}") from None
+        for spark_says, problem in _FILE_REFUSALS:
+            found = spark_says.search(str(exc))
+            if found:
+                path = unquote(urlparse(found["file"]).path)
+                raise DataError(problem.format(**{**found.groupdict(), "file": path})) from None
+        raise
 
 
 def _read_json_lines(spark: SparkSession, text: StructType, paths: list[str]) -> DataFrame:
@@ -273,7 +279,7 @@ def checked_table(spark: SparkSession, source: FileSource, files: list[Path], sc
     of the key alone; only rows of repeated keys are ordered, and the few rows found are joined back (broadcast).
     """
     with ExitStack() as kept:
-        with small_generated_methods(spark), _header_checked(source):  # the checks run as the rows are written
+        with small_generated_methods(spark), _file_refusals_named():  # the checks run as the rows are written
             rows = kept.enter_context(kept_as_parquet(ingest_table(spark, source, files, check), scratch,
                                                       dictionary=_few_values(source)))
         clean = rows.where(is_clean())

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -206,6 +207,23 @@ def test_parquet_source_is_checked_against_the_declared_types(spark, tmp_path):
     assert sorted((r["reason"] or "") for r in checked) == sorted(
         [""] * 4 + ["column 'x': NaN or infinite", "column 'id': missing required value"]
     )
+
+
+def test_parquet_files_storing_a_column_in_two_types_fail_naming_a_file(spark, tmp_path):
+    (tmp_path / "in").mkdir()
+    rows = [clean_row(i) for i in range(12)]
+    pq.write_table(pa.Table.from_pylist(rows[:6]), tmp_path / "in" / "part-0.parquet")  # x: double
+    pq.write_table(pa.Table.from_pylist([{**row, "x": str(row["x"])} for row in rows[6:]]),
+                   tmp_path / "in" / "part-1.parquet")  # x: string
+    cfg = table_config(tmp_path / "in", tmp_path / "run", kind="parquet")
+    with pytest.raises(DataError) as raised:  # whichever file Spark took the schema from, the other one is named
+        run_etl(cfg)
+    named = re.fullmatch(r"Parquet file (.*): column 'x' is stored as (\w+), where the schema Spark took from another "
+                         r"file of the source has (\w+): every file must store a column in one type", str(raised.value))
+    assert named is not None, raised.value
+    assert named.groups() in {(str((tmp_path / "in" / "part-1.parquet").resolve()), "BINARY", "double"),
+                              (str((tmp_path / "in" / "part-0.parquet").resolve()), "DOUBLE", "string")}
+    assert not cfg.dataset_dir.exists()
 
 
 def test_duplicates_fail_the_job_when_declared(spark, tmp_path):
