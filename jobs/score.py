@@ -15,6 +15,7 @@ from jobs.tracking import use_experiment
 from pipelines.atomic import output_lock
 from pipelines.drift import population_stability
 from pipelines.errors import DataError
+from pipelines.file_refusals import file_refusals_named
 from pipelines.input_schema import NUMERIC_ARRAY_TYPES, check_columns, check_parquet_input
 from pipelines.scoring import score_parquet
 from pipelines.spark import spark_session
@@ -76,7 +77,8 @@ def run_score(
     except ValueError as exc:
         raise ConfigError(f"{exc}; models are scored only from the configured registry {cfg.tracking_uri}") from None
     check_parquet_input(input_path, "scoring input")
-    with output_lock(output_path), stage("score") as summary, mlflow.start_run(run_name=f"score-{cfg.name}") as run:
+    with output_lock(output_path), stage("score") as summary, mlflow.start_run(run_name=f"score-{cfg.name}") as run, \
+            file_refusals_named():
         mlflow.set_tags({
             "dlpipe.stage": "score",
             "model.uri": model_uri,

@@ -9,11 +9,9 @@ Reasons name the column and the kind of problem, never the value (the value is i
 """
 from __future__ import annotations
 
-import re
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
-from urllib.parse import unquote, urlparse
 
 from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
@@ -22,6 +20,7 @@ from pyspark.sql.types import DoubleType, FloatType, StringType, StructField, St
 from jobs.config import ColumnSpec, TableSource, TextSource, TimeSeriesSource
 from pipelines.caching import kept_as_parquet, materialized
 from pipelines.errors import DataError
+from pipelines.file_refusals import file_refusals_named
 from pipelines.quarantine import is_quarantined
 from pipelines.spark import small_generated_methods
 
@@ -35,18 +34,6 @@ _BLANK_LINE = r"^[\x00-\x20]*$"  # what Java's String.trim() removes: CSV skips 
 # parsing would also accept non-ASCII digits.
 _PARSED_BY_CSV_READER = {"float": FloatType(), "double": DoubleType(), "string": StringType()}
 _REREAD = "_reread"  # a CSV line the reader flagged, split again with every column as text
-# Spark's refusals of a whole input file, raised by the task that reads it: (what Spark says, what dlpipe says)
-_HEADER = "the header does not match the declared columns (source.columns, in order)"
-_FILE_REFUSALS = (
-    (re.compile(r"Expected: (?P<expected>.*) but found: (?P<found>.*)\nCSV file: (?P<file>\S+)"),
-     "CSV file {file}: " + _HEADER + ": expected the column '{expected}' where it has '{found}'"),
-    (re.compile(r"Header length: (?P<found>\d+), schema size: (?P<expected>\d+)\s*\nCSV file: (?P<file>\S+)"),
-     "CSV file {file}: " + _HEADER + ": it has {found} columns, the declared schema {expected}"),
-    (re.compile(r"Parquet column cannot be converted in file (?P<file>\S+)\. "
-                r"Column: \[(?P<column>[^]]*)\], Expected: (?P<expected>\S+), Found: (?P<found>\w+)"),
-     "Parquet file {file}: column '{column}' is stored as {found}, where the schema Spark took from another file of "
-     "the source has {expected}: every file must store a column in one type"),
-)
 
 
 def source_files(path: Path) -> list[Path]:
@@ -106,21 +93,6 @@ def _read(spark: SparkSession, source: FileSource, files: list[Path]) -> DataFra
     options = {"mode": "PERMISSIVE", "columnNameOfCorruptRecord": CORRUPT_RECORD, "sep": source.delimiter}
     flagged = F.col(CORRUPT_RECORD)
     return rows.withColumn(_REREAD, F.when(flagged.isNotNull(), F.from_csv(flagged, _ddl(_as_text(source)), options)))
-
-
-@contextmanager
-def _file_refusals_named() -> Iterator[None]:
-    """Spark's refusal of a whole input file (a CSV header unlike the declared columns; a Parquet column stored in
-    another type than in the other files) as a DataError naming the file and the difference, not a JVM stack trace."""
-    try:
-        yield
-    except Exception as exc:
-        for spark_says, problem in _FILE_REFUSALS:
-            found = spark_says.search(str(exc))
-            if found:
-                path = unquote(urlparse(found["file"]).path)
-                raise DataError(problem.format(**{**found.groupdict(), "file": path})) from None
-        raise
 
 
 def _read_json_lines(spark: SparkSession, text: StructType, paths: list[str]) -> DataFrame:
@@ -279,7 +251,7 @@ def checked_table(spark: SparkSession, source: FileSource, files: list[Path], sc
     of the key alone; only rows of repeated keys are ordered, and the few rows found are joined back (broadcast).
     """
     with ExitStack() as kept:
-        with small_generated_methods(spark), _file_refusals_named():  # the checks run as the rows are written
+        with small_generated_methods(spark), file_refusals_named(files):  # the checks run as the rows are written
             rows = kept.enter_context(kept_as_parquet(ingest_table(spark, source, files, check), scratch,
                                                       dictionary=_few_values(source)))
         clean = rows.where(is_clean())

@@ -1,6 +1,7 @@
 """The ETL stage on small CSV / JSON Lines / Parquet tables: declared schema, quarantine reasons, leak-free preprocessing."""
 from __future__ import annotations
 
+import gzip
 import json
 import re
 from pathlib import Path
@@ -14,6 +15,7 @@ from jobs.config import PipelineConfig, validate_config
 from jobs.etl import UNKNOWN_CATEGORY, run_etl
 from pipelines.caching import kept_as_parquet
 from pipelines.errors import DataError
+from pipelines.file_refusals import file_refusals_named, refusal
 from pipelines.scaling import FittedScaler
 from pipelines.spark import HUGE_METHOD_LIMIT, small_generated_methods
 from pipelines.tables import DUPLICATE_KEY, ingest_table, malformed_reason, source_files
@@ -224,6 +226,42 @@ def test_parquet_files_storing_a_column_in_two_types_fail_naming_a_file(spark, t
     assert named.groups() in {(str((tmp_path / "in" / "part-1.parquet").resolve()), "BINARY", "double"),
                               (str((tmp_path / "in" / "part-0.parquet").resolve()), "DOUBLE", "string")}
     assert not cfg.dataset_dir.exists()
+
+
+def _gzip_csv(rows: range) -> bytes:
+    return gzip.compress(("\n".join([HEADER, *(csv_line(clean_row(i)) for i in rows)]) + "\n").encode())
+
+
+def test_a_gzip_csv_cut_short_fails_naming_it(spark, tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "part-0.csv.gz").write_bytes(_gzip_csv(range(30)))
+    whole = _gzip_csv(range(30, 60))
+    (tmp_path / "in" / "part-1.csv.gz").write_bytes(whole[: len(whole) // 2])  # an upload that stopped halfway
+    cfg = table_config(tmp_path / "in", tmp_path / "run")
+    with pytest.raises(DataError) as raised:  # Spark's own error says only "Unexpected end of input stream"
+        run_etl(cfg)
+    assert str(raised.value) == (f"compressed file(s) {(tmp_path / 'in' / 'part-1.csv.gz').resolve()}: cut short "
+                                 f"(the stream ends early: Unexpected end of input stream)")
+    assert not cfg.dataset_dir.exists()
+
+
+def test_a_cut_short_stream_spark_does_not_name_is_reported_without_a_guess(tmp_path):
+    whole = tmp_path / "part-0.csv.gz"
+    whole.write_bytes(_gzip_csv(range(5)))
+    assert refusal("java.io.EOFException: Unexpected end of input stream", [whole]) == (
+        "a compressed input file is cut short (Unexpected end of input stream); Spark does not say which, and no .gz "
+        "or .bz2 file of the source is: check its other compressed files")
+    assert refusal("java.lang.OutOfMemoryError: Java heap space", [whole]) is None  # not a file's fault: re-raised
+
+
+def test_an_error_without_text_is_re_raised_as_it_is():
+    class JavaErrorOfAStoppedJvm(Exception):
+        def __str__(self):  # a Py4JJavaError asks the JVM for its text
+            raise ConnectionError("the JVM is gone")
+
+    with pytest.raises(JavaErrorOfAStoppedJvm):
+        with file_refusals_named():
+            raise JavaErrorOfAStoppedJvm()
 
 
 def test_duplicates_fail_the_job_when_declared(spark, tmp_path):

@@ -84,6 +84,16 @@ def test_run_score_names_an_input_without_parquet_before_it_starts(registry, tmp
     assert not list(tmp_path.glob("*predictions*"))
 
 
+@pytest.mark.parametrize("broken", ["part-0.parquet", "part-9.parquet"])  # read for the schema / by a task only
+def test_run_score_names_an_input_file_that_is_not_parquet(registry, spark, tmp_path, broken):
+    _write_dataset(tmp_path / "input", _raw(20), files=2)
+    (tmp_path / "input" / broken).write_bytes(b"not parquet at all, " * 8)
+    with pytest.raises(DataError, match=rf"^Parquet file {tmp_path / 'input' / broken}: not a Parquet file \(Expected "
+                                        r"magic number at tail, but found \[.*\]\)$"):
+        run_score(registry.cfg, input_path=tmp_path / "input", output_path=tmp_path / "predictions")
+    assert not (tmp_path / "predictions").exists()
+
+
 def test_pyfunc_matches_torch_on_scaled_raw_features(registry):
     raw = _raw(50, seed=3)
     model = mlflow.pyfunc.load_model(f"models:/{NAME}/1")
