@@ -194,6 +194,9 @@ def build_model(
     if vocab_size is not None and conf.kind != "rnn":
         raise ValueError(f"token inputs (a vocabulary of {vocab_size}) need model.kind rnn, not {conf.kind!r}")
     if conf.kind == "cnn":
+        if len(input_shape) != 3:
+            raise ValueError(f"model.kind cnn needs image features (feature_shape [C, H, W]), got feature_shape "
+                             f"{list(input_shape)}: use mlp, autoencoder or dec for a table")
         network = FlatInput(input_shape, build_cnn(conf, input_shape, num_outputs))
     elif conf.kind == "rnn":
         shape = input_shape if vocab_size is not None else _sequence_shape(conf, input_shape)

@@ -58,13 +58,14 @@ class Task:
     def check(self, conf: TrainConf) -> EarlyStoppingConf:
         """Raise on settings that do not fit the task; return the early-stopping settings with defaults filled in."""
         if self.losses is not None and conf.loss.name not in self.losses:
-            raise ValueError(f"train.loss.name {conf.loss.name!r} does not fit a {self.kind} model; "
+            raise ValueError(f"train.loss.name {conf.loss.name!r} does not fit the {self.kind} task; "
                              f"use one of {list(self.losses)}")
         metric = conf.early_stopping.metric or self.default_stopping[0]
         name = metric.removeprefix("val_")
         if name not in self.directions:
             known = ", ".join(f"val_{n}" for n in self.directions)
-            raise ValueError(f"train.early_stopping.metric {metric!r} is not a {self.kind} metric; use one of {known}")
+            raise ValueError(f"train.early_stopping.metric {metric!r} is not a metric of the {self.kind} task; "
+                             f"use one of {known}")
         mode = conf.early_stopping.mode or self.directions[name]
         return conf.early_stopping.model_copy(update={"metric": metric, "mode": mode})
 

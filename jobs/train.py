@@ -30,7 +30,7 @@ from dl.models import build_model
 from dl.nonfinite import NonFiniteLoss
 from dl.petastorm_reader import split_dir
 from dl.serving import log_and_register
-from dl.tasks import build_task
+from dl.tasks import Task, build_task
 from dl.trainer import fit, resumes
 from jobs.config import ConfigError, PipelineConfig, load_config
 from jobs.lineage import link_training_to_dataset
@@ -93,14 +93,26 @@ def system_info(ctx: DistContext) -> dict[str, str]:
     return info
 
 
-def train(cfg: PipelineConfig, manifest: dict) -> None:
-    """This rank's share of training; rank 0 also tracks the run, registers the model and writes the result."""
+def check_training(cfg: PipelineConfig, manifest: dict) -> tuple[Task, tuple | None]:
+    """(the task, its target statistics) once the config is known to train on this dataset: the task fits the
+    dataset's labels and the train settings, the model its feature shape; ConfigError naming the mismatch if not.
+
+    The launchers run it before any rank starts (a mismatch is a config error, not a training failure), and each
+    rank again."""
     try:
         task = build_task(cfg.model, manifest["classes"], cfg.train.anomaly)
         task.check(cfg.train)
         target_statistics = task.target_statistics(split_dir(cfg.dataset_dir, "train"))
+        build_model(cfg.model, tuple(manifest["feature_shape"]), task.num_outputs,
+                    target_statistics=target_statistics, vocab_size=vocabulary_size(manifest))
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    return task, target_statistics
+
+
+def train(cfg: PipelineConfig, manifest: dict) -> None:
+    """This rank's share of training; rank 0 also tracks the run, registers the model and writes the result."""
+    task, target_statistics = check_training(cfg, manifest)
     with distributed(cfg.train.backend, cfg.train.seed) as ctx:
         configure_logging(logging.INFO if is_master() else logging.WARNING)
         network = build_model(cfg.model, tuple(manifest["feature_shape"]), task.num_outputs,
@@ -173,8 +185,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def launch(cfg_path: str | Path, overrides: list[str] | tuple[str, ...] = (), world_size: int = 1) -> int:
     """Run `jobs.train` on `world_size` local ranks under torchrun, restarted up to `train.max_restarts` times
-    from the last checkpoint; the exit code is non-zero if a rank failed for good."""
+    from the last checkpoint; the exit code is non-zero if a rank failed for good. ConfigError (DataError without a
+    dataset) before starting when the config cannot train on the dataset (`check_training`)."""
     cfg = load_config(cfg_path, overrides)
+    check_training(cfg, read_manifest(cfg.dataset_dir))  # before any rank starts
     # torchrun's per-rank folders (left in /tmp by default, one set per launch) go in one removed afterwards
     with tempfile.TemporaryDirectory(prefix="dlpipe-torchrun-") as rank_dirs:
         command = [

@@ -114,7 +114,7 @@ def test_dec_settings_are_checked():
         task.check(TrainConf(epochs=7, loss={"name": "mse"}))
     with pytest.raises(ValueError, match="val_nmi needs a labelled dataset"):
         task.check(TrainConf(loss={"name": "mse"}, early_stopping={"metric": "val_nmi"}))
-    with pytest.raises(ValueError, match="does not fit a clustering model"):
+    with pytest.raises(ValueError, match="does not fit the clustering task"):
         task.check(TrainConf())  # cross-entropy: the reconstruction needs mse, mae or huber
     stopping = build_task(TINY, CLASSES).check(TrainConf(loss={"name": "mse"}))
     assert (stopping.metric, stopping.mode) == ("val_silhouette", "max")

@@ -76,11 +76,11 @@ def test_anomaly_settings_need_a_normal_label():
     with pytest.raises(ValueError, match="not a class of the dataset"):
         AnomalyTask(0, AnomalyConf(normal_label="benign"), CLASSES)
     task = build_task(AUTOENCODER, CLASSES, NORMAL)
-    with pytest.raises(ValueError, match="does not fit a anomaly model"):
+    with pytest.raises(ValueError, match="does not fit the anomaly task"):
         task.check(TrainConf())  # cross-entropy on a reconstruction
     stopping = task.check(TrainConf(loss={"name": "mse"}))
     assert (stopping.metric, stopping.mode) == ("val_loss", "min")
-    with pytest.raises(ValueError, match="not a regression metric"):
+    with pytest.raises(ValueError, match="not a metric of the regression task"):
         RegressionTask(1).check(TrainConf(loss={"name": "mse"}, early_stopping={"metric": "val_accuracy"}))
 
 

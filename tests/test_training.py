@@ -512,6 +512,26 @@ def test_launch_fails_promptly_when_a_rank_fails(tmp_path, capfd, monkeypatch):
     assert list(temp.iterdir()) == []
 
 
+@pytest.mark.parametrize("feature_shape, train, message", [
+    ([64], {}, r"model\.kind cnn needs image features \(feature_shape \[C, H, W\]\), got feature_shape \[64\]: "
+               r"use mlp, autoencoder or dec for a table"),
+    (list(SHAPE), {"early_stopping": {"metric": "val_mae"}},
+     r"train\.early_stopping\.metric 'val_mae' is not a metric of the classification task; use one of val_loss, "),
+], ids=["cnn-on-a-table", "regression-metric-for-classes"])
+def test_a_config_that_cannot_train_on_the_dataset_fails_before_any_rank_starts(tmp_path, monkeypatch, feature_shape,
+                                                                              train, message):
+    from jobs import train as training
+
+    dataset = tmp_path / "run" / "dataset"
+    write_dataset(dataset, {"train": [[8]] * 2, "val": [[4]], "test": [[4]]})
+    write_manifest(dataset)
+    manifest = json.loads((dataset / "manifest.json").read_text())
+    (dataset / "manifest.json").write_text(json.dumps({**manifest, "feature_shape": feature_shape}))
+    monkeypatch.setattr(training.subprocess, "Popen", lambda *args, **kwargs: pytest.fail("torchrun was started"))
+    with pytest.raises(ConfigError, match=message):  # the CLI's exit 2, not a training failure (4) after 2 ranks
+        training.launch(_write_config(tmp_path, **train), [], world_size=2)
+
+
 # A torchrun that ignores SIGTERM, with a "rank" in a session of its own (as torchrun starts them); prints its pid.
 STUBBORN_LAUNCHER = """
 import signal, subprocess, sys, time
