@@ -29,8 +29,16 @@ class SparkConf(_Strict):
     conf: dict[str, str] = Field(default_factory=dict)
 
 
+class ImageLabels(_Strict):
+    """A CSV (with a header) that labels the images: one row per image, its path below `source.path` and its label."""
+
+    path: Path
+    path_column: str = Field("path", min_length=1)
+    label_column: str = Field("label", min_length=1)
+
+
 class ImageFolderSource(_Strict):
-    """A folder of images, one sub-folder per class (the folder name is the label)."""
+    """A folder of images, labelled by the name of each file's folder (one sub-folder per class), or by `labels`."""
 
     kind: Literal["image_folder"]
     path: Path
@@ -40,6 +48,7 @@ class ImageFolderSource(_Strict):
     max_bad_fraction: float = Field(0.05, ge=0.0, le=1.0)
     # an image whose header claims more pixels is quarantined before any pixel is decoded (default 8192 x 8192)
     max_image_pixels: PositiveInt = 1 << 26
+    labels: ImageLabels | None = None  # a labels CSV: images may then sit anywhere below `path`, folders or not
 
 
 class ColumnSpec(_Strict):
@@ -500,8 +509,9 @@ class PipelineConfig(_Strict):
         if self.roots is None:
             return self
         roots = [root.resolve() for root in self.roots]
+        labels = getattr(self.source, "labels", None)
         paths = {"run_dir": self.run_dir, "source.path": self.source.path, "score.input": self.score.input,
-                 "score.output": self.score.output}
+                 "score.output": self.score.output, "source.labels.path": labels and labels.path}
         for key, path in paths.items():
             if path is not None and not any(path.resolve().is_relative_to(root) for root in roots):
                 raise ValueError(f"'{key}': {path} resolves to {path.resolve()}, outside the declared roots "

@@ -5,6 +5,7 @@ the split, the fitted preprocessing, the quality report and the writer.
 """
 from __future__ import annotations
 
+import hashlib
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Collection
 from pyspark.sql import Column, DataFrame, Observation, SparkSession
 from pyspark.sql import functions as F
 
-from jobs.config import PipelineConfig
+from jobs.config import ImageLabels, PipelineConfig
 from jobs.lineage import etl_run, record_dataset
 from jobs.stage import stage
 from jobs.tracking import use_experiment
@@ -76,11 +77,21 @@ def _image_etl(spark: SparkSession, cfg: PipelineConfig) -> dict:
         return _write(
             cfg, dataset, counts, reasons, classes, balance,
             quality=quality,
-            input_hash=content_hash(decoded, "id", "content_sha256"),
-            input_files=counts["rows_in"],
+            **_image_inputs(decoded, cfg.source.labels, counts["rows_in"]),
             feature_shape=(channels, height, width),
             preprocessing=preprocessing,
         )
+
+
+def _image_inputs(decoded: DataFrame, labels: ImageLabels | None, rows_in: int) -> dict:
+    """`input_hash` and `input_files` of an image source: its image files, and its labels CSV when it has one
+    (then `decoded` also holds the CSV's rows that name no image)."""
+    if labels is None:  # one row per image file
+        return {"input_hash": content_hash(decoded, "id", "content_sha256"), "input_files": rows_in}
+    image_files = decoded.where(F.col("content_sha256").isNotNull())
+    csv = Path(labels.path).resolve()
+    both = f"{content_hash(image_files, 'id', 'content_sha256')}\t{file_content_hash([csv], csv.parent)}"
+    return {"input_hash": hashlib.sha256(both.encode()).hexdigest(), "input_files": image_files.count() + 1}
 
 
 def _table_etl(spark: SparkSession, cfg: PipelineConfig) -> dict:

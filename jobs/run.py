@@ -39,7 +39,9 @@ def _upstream(cfg: PipelineConfig, stage: str, needed_by: str) -> str:
 def stage_fingerprint(cfg: PipelineConfig, stage: str) -> str:
     """What a stage's output depends on: its config sections and its inputs (upstream fingerprints)."""
     if stage == "etl":
-        return fingerprint(section_hash(cfg, "source", "split", "normalize", "output"), file_listing(cfg.source.path))
+        labels = getattr(cfg.source, "labels", None)  # an image folder's labels CSV is an input too
+        return fingerprint(section_hash(cfg, "source", "split", "normalize", "output"), file_listing(cfg.source.path),
+                           *([file_listing(labels.path)] if labels else []))
     if stage == "train":
         return fingerprint(section_hash(cfg, "model", "train", "mlflow"), _upstream(cfg, "etl", "train"))
     if stage == "promote":

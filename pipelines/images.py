@@ -1,7 +1,9 @@
 """Image folder ingest: one row per file, decoded to pixels in Arrow batches, or quarantined with a reason.
 
 Layout: `<root>/<class>/<file>`; the label is the name of the file's parent folder and the row key `id` is
-the path relative to `<root>` (e.g. `3/0042.png`). A row with a `reason` is quarantined; the rest are clean.
+the path relative to `<root>` (e.g. `3/0042.png`). With `source.labels`, a CSV gives the labels instead and the
+files may sit anywhere below `<root>` (`pipelines/image_labels.py`). A row with a `reason` is quarantined; the rest
+are clean.
 Like every Spark file source, the listing skips hidden files and folders (names starting with `.` or `_`).
 Every mode PIL reads (grey, 16-bit grey, bilevel, grey + alpha, palette, RGB, RGBA, CMYK JPEG) is converted to
 `channels` (alpha is dropped, not composited, as torchvision's folder loader does) and resized to `image_size`; an
@@ -24,6 +26,7 @@ from pyspark.sql.pandas.types import from_arrow_schema
 
 from jobs.config import ImageFolderSource
 from pipelines.errors import DataError
+from pipelines.image_labels import labelled_by_csv, read_labels
 
 _ARROW_SCHEMA = pa.schema(
     [
@@ -121,13 +124,14 @@ def _describe_bytes(content: bytes) -> str:
 
 
 def _decode_file(
-    key: str, content: bytes, image_size: tuple[int, int], channels: int, max_pixels: int
+    key: str, content: bytes, image_size: tuple[int, int], channels: int, max_pixels: int, folder_labels: bool
 ) -> tuple[str | None, np.ndarray | None, str | None]:
-    """(label, pixels, reason) of one file: pixels when it decodes, else None and why not."""
+    """(label, pixels, reason) of one file: pixels when it decodes, else None and why not. The label is the name
+    of the file's folder with `folder_labels`, else None (a labels CSV gives it)."""
     folder, _, _ = key.rpartition("/")
-    if not folder:
+    if folder_labels and not folder:
         return None, None, NOT_IN_CLASS_FOLDER
-    label = folder.rpartition("/")[2]
+    label = folder.rpartition("/")[2] if folder_labels else None
     try:
         return label, decode_image(content, image_size, channels, max_pixels), None
     except Exception as error:  # any decoding failure is a property of the file: quarantine it
@@ -145,11 +149,13 @@ def _float_lists(rows: list[np.ndarray | None]) -> pa.ListArray:
 
 
 def _decode_batch(
-    batch: pa.RecordBatch, root: str, image_size: tuple[int, int], channels: int, max_pixels: int
+    batch: pa.RecordBatch, root: str, image_size: tuple[int, int], channels: int, max_pixels: int,
+    folder_labels: bool,
 ) -> pa.RecordBatch:
     keys = [relative_key(path, root) for path in batch.column("path").to_pylist()]
     contents = batch.column("content").to_pylist()
-    decoded = [_decode_file(key, content, image_size, channels, max_pixels) for key, content in zip(keys, contents)]
+    decoded = [_decode_file(key, content, image_size, channels, max_pixels, folder_labels)
+               for key, content in zip(keys, contents)]
     reasons = [reason for _, _, reason in decoded]
     records = [None if reason is None else _describe_bytes(content) for reason, content in zip(reasons, contents)]
     columns = [
@@ -165,33 +171,37 @@ def _decode_batch(
 
 
 def _decode_batches(
-    batches: Iterator[pa.RecordBatch], root: str, image_size: tuple[int, int], channels: int, max_pixels: int
+    batches: Iterator[pa.RecordBatch], root: str, image_size: tuple[int, int], channels: int, max_pixels: int,
+    folder_labels: bool,
 ) -> Iterator[pa.RecordBatch]:
     for batch in batches:
-        yield _decode_batch(batch, root, image_size, channels, max_pixels)
+        yield _decode_batch(batch, root, image_size, channels, max_pixels, folder_labels)
 
 
 def ingest_image_folder(spark: SparkSession, source: ImageFolderSource) -> DataFrame:
-    """One row per file below `source.path` (schema `DECODED_SCHEMA`): decoded pixels, or a quarantine reason."""
+    """One row per file below `source.path` (schema `DECODED_SCHEMA`): decoded pixels, or a quarantine reason;
+    with `source.labels`, labelled by that CSV, plus a quarantined row for each CSV row that names no file."""
     root = Path(source.path).resolve()
     if not root.is_dir():
         raise DataError(f"image folder {root} does not exist (source.path: {source.path})")
     if not any(path.is_file() for path in root.rglob("*")):
         raise DataError(f"image folder {root} contains no files (source.path: {source.path})")
-    files = (
-        spark.read.format("binaryFile")
-        .option("recursiveFileLookup", "true")
-        .load(str(root))
-        .select("path", "content", F.sha2("content", 256).alias("content_sha256"))
-    )
+    files = spark.read.format("binaryFile").option("recursiveFileLookup", "true").load(str(root))
+    if source.labels is not None:  # a labels CSV kept among the images is not an image
+        files = files.where(~F.col("path").endswith(str(Path(source.labels.path).resolve())))
+    files = files.select("path", "content", F.sha2("content", 256).alias("content_sha256"))
     decode = partial(
         _decode_batches,
         root=str(root),
         image_size=tuple(source.image_size),
         channels=source.channels,
         max_pixels=source.max_image_pixels,
+        folder_labels=source.labels is None,
     )
-    return files.mapInArrow(decode, DECODED_SCHEMA)
+    decoded = files.mapInArrow(decode, DECODED_SCHEMA)
+    if source.labels is None:
+        return decoded
+    return labelled_by_csv(decoded, read_labels(spark, source.labels))
 
 
 def is_clean() -> Column:
@@ -200,5 +210,5 @@ def is_clean() -> Column:
 
 
 def clean_rows(decoded: DataFrame) -> DataFrame:
-    """The decoded images: `id`, `label` (class folder name), `raw_features`."""
+    """The decoded images: `id`, `label` (class folder name, or the labels CSV's), `raw_features`."""
     return decoded.where(is_clean()).select("id", "label", "raw_features")

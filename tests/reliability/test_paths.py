@@ -60,5 +60,13 @@ def test_an_override_cannot_escape_either(tmp_path, root):
         load_config(confined_config(tmp_path, root), ["run_dir=/tmp/x"])
 
 
+def test_an_image_labels_csv_is_confined_too(tmp_path, root):
+    path = confined_config(tmp_path, root)
+    assert load_config(path, [f"source.labels.path={root / 'data' / 'labels.csv'}"]).source.labels.path.name == \
+        "labels.csv"
+    with pytest.raises(ConfigError, match=r"'source\.labels\.path': /tmp/labels\.csv resolves to .* outside the "):
+        load_config(path, ["source.labels.path=/tmp/labels.csv"])
+
+
 def test_without_roots_paths_are_not_confined(tmp_path):
     assert load_config(DIGITS, ["run_dir=/tmp/anywhere"]).roots is None
