@@ -10,8 +10,10 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args
 
+import pandas as pd
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, PrivateAttr, ValidationError, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PositiveInt, PrivateAttr, ValidationError, field_validator,
+                      model_validator)
 
 
 class ConfigError(ValueError):
@@ -114,11 +116,32 @@ class TableSource(_FileTableSource):
 
 
 class WindowConf(_Strict):
-    """Sliding windows over each series: `length` input steps, then `horizon` target steps; a new one every `stride`."""
+    """Sliding windows over each series: `length` input steps, then `horizon` target steps; a new one every `stride`.
+
+    Windows are made of consecutive rows. With `frequency` (the time between two steps), a window whose steps are
+    not that far apart (a missing or quarantined step inside it) is not made.
+    """
 
     length: PositiveInt = 14
     horizon: PositiveInt = 1
     stride: PositiveInt = 1
+    frequency: str | None = None  # a fixed duration: "1 day", "1h", "15min" (pandas.Timedelta's forms)
+
+    @field_validator("frequency")
+    @classmethod
+    def _a_positive_duration(cls, frequency: str | None) -> str | None:
+        try:
+            step = None if frequency is None else pd.Timedelta(frequency)
+        except ValueError:
+            step = pd.Timedelta(0)
+        if step is not None and step <= pd.Timedelta(0):
+            raise ValueError(f"{frequency!r} is not a positive fixed duration such as '1 day', '1h' or '15min'")
+        return frequency
+
+    @property
+    def step_micros(self) -> int | None:
+        """`frequency` in microseconds (None without one)."""
+        return None if self.frequency is None else pd.Timedelta(self.frequency).value // 1000
 
 
 _NUMERIC = ("int", "long", "float", "double")

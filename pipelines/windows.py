@@ -4,16 +4,25 @@ A window ending at step t holds the `length` steps t-L+1..t (inputs) and the `ho
 all of one series and one split; windows start every `stride` steps from the first step of each (series, split).
 A series with fewer than `length + horizon` steps in a split it appears in would give that split no window of it:
 that is a DataError naming the series, the split and its length (its steps would otherwise be lost silently).
+Windows are made of consecutive rows; with `window.frequency`, a window whose first and last steps are further apart
+than `length + horizon - 1` steps of that frequency spans a missing (or quarantined) step and is not made: a warning
+counts them and names the series with the most.
 """
 from __future__ import annotations
 
-from pyspark.sql import DataFrame, Window
+import logging
+
+from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
+from pyspark.sql.types import DateType
 
 from jobs.config import WindowConf
 from pipelines.errors import DataError
 
 SHOWN_SHORT_SERIES = 5  # how many too-short (series, split) segments the error lists
+SHOWN_GAPPY_SERIES = 5  # how many series the warning about windows over a gap names
+
+log = logging.getLogger("dlpipe.windows")
 
 
 def sliding_windows(
@@ -25,6 +34,8 @@ def sliding_windows(
     order = Window.partitionBy(*([series_col] if series_col else []), "split").orderBy(time_col)
     past = order.rowsBetween(1 - conf.length, Window.currentRow)
     ahead = order.rowsBetween(1, conf.horizon)
+    whole = order.rowsBetween(1 - conf.length, conf.horizon)
+    time = _micros(F.col(time_col), steps.schema[time_col].dataType) if conf.frequency else None
     windows = steps.select(
         "id",
         "split",
@@ -32,9 +43,30 @@ def sliding_windows(
         F.flatten(F.collect_list("raw_features").over(past)).alias("raw_features"),
         F.collect_list(F.col(target_col).cast("float")).over(ahead).alias("target"),
         (F.row_number().over(order) - conf.length).alias("start"),  # position of the window's first step
+        (F.lit(True) if time is None else  # a window with a missing step spans more time than its steps
+         F.max(time).over(whole) - F.min(time).over(whole) == (conf.length + conf.horizon - 1) * conf.step_micros)
+        .alias("_regular"),
+        *([series_col] if series_col else []),
     )
     complete = (F.col("start") >= 0) & (F.col("start") % conf.stride == 0) & (F.size("target") == conf.horizon)
-    return windows.where(complete).drop("start")
+    if conf.frequency:
+        _warn_of_gaps(windows.where(complete & ~F.col("_regular")), conf, series_col)
+    return windows.where(complete & F.col("_regular")).drop("start", "_regular", *([series_col] if series_col else []))
+
+
+def _micros(time: Column, data_type) -> Column:
+    """Microseconds since the epoch of a date (its UTC midnight) or timestamp column."""
+    return F.unix_date(time).cast("long") * 86_400_000_000 if isinstance(data_type, DateType) else F.unix_micros(time)
+
+
+def _warn_of_gaps(gappy: DataFrame, conf: WindowConf, series_col: str | None) -> None:
+    """Log how many windows span a missing step (so they are not made), naming the series with the most."""
+    per_series = gappy.groupBy((F.col(series_col) if series_col else F.lit("the series")).alias("series")).count()
+    worst = per_series.orderBy(F.desc("count"), "series").limit(SHOWN_GAPPY_SERIES).collect()
+    if worst:
+        total = per_series.agg(F.sum("count")).first()[0]
+        log.warning("%d windows span a missing step (source.window.frequency %s) and are not made; most in: %s",
+                    total, conf.frequency, ", ".join(f"{row['series']} ({row['count']})" for row in worst))
 
 
 def check_series_fit_windows(steps: DataFrame, conf: WindowConf, series_col: str | None) -> None:

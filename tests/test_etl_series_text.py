@@ -3,7 +3,7 @@ empty texts quarantined, the Seattle pipeline end to end with its baselines, and
 from __future__ import annotations
 
 import json
-from datetime import date, timedelta
+from datetime import date, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +45,30 @@ def test_windows_match_a_hand_computed_example_and_stay_inside_their_split(spark
         "b|1": ("train", [0, 100, 1, 101], [1002, 1003]), "b|3": ("train", [2, 102, 3, 103], [1004, 1005]),
         "b|7": ("val", [6, 106, 7, 107], [1008, 1009]),
     }
+
+
+@pytest.mark.parametrize("kind, frequency", [("date", "1 day"), ("timestamp", "1h")])
+def test_windows_over_a_missing_step_are_not_made_when_the_frequency_is_declared(spark, caplog, kind, frequency):
+    # series a lacks step 4, series b has steps 0-9; each step's input is its number, its target 1000 + number
+    unit = timedelta(days=1) if kind == "date" else timedelta(hours=1)
+    first = START if kind == "date" else datetime(2021, 1, 1, 6)
+    steps = [(f"{s}|{n}", s, first + n * unit, "train", [float(n)], 1000.0 + n)
+             for s in ("a", "b") for n in range(10) if (s, n) != ("a", 4)]
+    df = spark.createDataFrame(steps, f"id string, series string, t {kind}, split string, raw array<float>, y double")
+    df = df.withColumn("features", df["raw"]).withColumnRenamed("raw", "raw_features")
+
+    def windows(**declared) -> dict:
+        made = sliding_windows(df, WindowConf(length=2, horizon=1, **declared), "t", "series", "y").collect()
+        return {r["id"]: (r["features"], r["target"]) for r in made}
+
+    consecutive_rows = windows()  # the rows 2, 3 -> 5 and 3, 5 -> 6 of series a make windows over the gap
+    assert consecutive_rows["a|3"] == ([2, 3], [1005]) and consecutive_rows["a|5"] == ([3, 5], [1006])
+    with caplog.at_level("WARNING", logger="dlpipe.windows"):
+        got = windows(frequency=frequency)
+    assert got == {key: value for key, value in consecutive_rows.items() if key not in ("a|3", "a|5")}
+    assert len(got) == 5 + 8
+    assert f"2 windows span a missing step (source.window.frequency {frequency}) and are not made; most in: a (2)" \
+        in caplog.text
 
 
 SERIES_COLUMNS = [

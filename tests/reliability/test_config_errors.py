@@ -24,3 +24,11 @@ DIGITS = Path(__file__).resolve().parents[2] / "conf" / "digits_cnn.yaml"
 def test_impossible_values_and_unknown_names_are_named(override, message):
     with pytest.raises(ConfigError, match=rf"digits_cnn\.yaml \(with overrides {re.escape(override)}\).*{message}"):
         load_config(DIGITS, [override])
+
+
+@pytest.mark.parametrize("frequency", ["1 month", "0s", "daily"])
+def test_a_window_frequency_must_be_a_positive_fixed_duration(frequency):
+    weather = DIGITS.parent / "seattle_weather_rnn.yaml"
+    with pytest.raises(ConfigError, match=rf"'source\.window\.frequency': '{frequency}' is not a positive fixed "
+                                          r"duration such as '1 day', '1h' or '15min'$"):
+        load_config(weather, [f"source.window.frequency={frequency}"])
