@@ -6,6 +6,8 @@ exist or holds no Parquet file fails before Spark is asked to read it.
 """
 from __future__ import annotations
 
+import glob
+import re
 from pathlib import Path
 from typing import Mapping
 
@@ -18,17 +20,27 @@ KEY_TYPES = ("string", "int", "bigint")
 NUMERIC_ARRAY_TYPES = ("array<float>", "array<double>")  # raw features; the dataset writes array<float>
 LABEL_TYPES = ("int", "bigint", "string")  # a class index, or a class name
 TARGET_TYPES = ("float", "double", *NUMERIC_ARRAY_TYPES)
+_GLOB = re.compile(r"[*?[]")  # what makes a path a pattern, for Spark and for Python's glob
 
 
 def check_parquet_input(path: str | Path, what: str) -> None:
-    """DataError naming `what` and `path` unless `path` is a file or a folder with a Parquet file below it
-    (names starting with `_` or `.` skipped, as Spark skips them)."""
-    root = Path(path)
-    if not root.exists():
-        raise DataError(f"{what} {root} does not exist")
+    """DataError naming `what` and `path` unless `path` (or what its `*`, `?`, `[...]` glob matches, as Spark
+    expands it) is a file or a folder with a Parquet file below it (names starting with `_` or `.` skipped, as Spark
+    skips them). A path with Hadoop's `{a,b}` alternatives is left to Spark."""
+    text = str(path)
+    if "{" in text:
+        return
+    pattern = _GLOB.search(text) is not None
+    matched = [Path(p) for p in glob.glob(text)] if pattern else [Path(text)]
+    if not any(root.exists() for root in matched):
+        raise DataError(f"{what} {text} {'matches no file or folder' if pattern else 'does not exist'}")
+    if not any(root.is_file() or _holds_parquet(root) for root in matched):
+        raise DataError(f"{what} {text} holds no Parquet file")
+
+
+def _holds_parquet(root: Path) -> bool:
     visible = lambda p: not any(part.startswith(("_", ".")) for part in p.relative_to(root).parts)  # noqa: E731
-    if root.is_dir() and not any(visible(p) for p in root.rglob("*.parquet")):
-        raise DataError(f"{what} {root} holds no Parquet file")
+    return any(visible(p) for p in root.rglob("*.parquet"))
 
 
 def check_columns(

@@ -14,6 +14,7 @@ from dl.registry import ModelNotFound, resolve_model_version
 from dl.serving import ServingModel, load_scoring_model
 from jobs.score import run_score
 from pipelines.errors import DataError
+from pipelines.input_schema import check_parquet_input
 from pipelines.scoring import BadFeatureRow, feature_matrix, score_parquet
 from registry_helpers import WIDTH, network, pipeline_config, register, scaler, tracking
 from registry_helpers import expected as _expected, raw_rows as _raw, write_dataset as _write_dataset
@@ -82,6 +83,17 @@ def test_run_score_names_an_input_without_parquet_before_it_starts(registry, tmp
     assert str(raised.value) == f"scoring input {missing} {what}"
     assert len(mlflow.search_runs(search_all_experiments=True)) == runs_before  # no MLflow run was started
     assert not list(tmp_path.glob("*predictions*"))
+
+
+def test_a_scoring_input_may_be_a_glob_as_spark_reads_it(tmp_path):
+    _write_dataset(tmp_path / "dataset" / "split=test", _raw(4), files=1)
+    (tmp_path / "dataset" / "split=val").mkdir()
+    check_parquet_input(tmp_path / "dataset" / "split=*", "scoring input")  # one of the folders it matches has rows
+    check_parquet_input(tmp_path / "dataset" / "split={test,val}", "scoring input")  # left to Spark
+    with pytest.raises(DataError, match=r"^scoring input .*/split=v\* holds no Parquet file$"):
+        check_parquet_input(tmp_path / "dataset" / "split=v*", "scoring input")
+    with pytest.raises(DataError, match=r"^scoring input .*/split=x\* matches no file or folder$"):
+        check_parquet_input(tmp_path / "dataset" / "split=x*", "scoring input")
 
 
 @pytest.mark.parametrize("broken", ["part-0.parquet", "part-9.parquet"])  # read for the schema / by a task only
