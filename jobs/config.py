@@ -130,11 +130,13 @@ class WindowConf(_Strict):
     @field_validator("frequency")
     @classmethod
     def _a_positive_duration(cls, frequency: str | None) -> str | None:
+        if frequency is None:
+            return None
         try:
-            step = None if frequency is None else pd.Timedelta(frequency)
+            positive = pd.Timedelta(frequency) > pd.Timedelta(0)
         except ValueError:
-            step = pd.Timedelta(0)
-        if step is not None and step <= pd.Timedelta(0):
+            positive = False
+        if not positive:
             raise ValueError(f"{frequency!r} is not a positive fixed duration such as '1 day', '1h' or '15min'")
         return frequency
 

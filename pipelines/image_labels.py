@@ -34,11 +34,13 @@ def read_labels(spark: SparkSession, labels: ImageLabels) -> DataFrame:
     if missing:
         raise DataError(f"labels CSV {path} has no column {', '.join(map(repr, missing))} (its columns: "
                         f"{', '.join(rows.columns)}; see source.labels.path_column and label_column)")
-    given_path, given_label = F.col(f"`{labels.path_column}`"), F.col(f"`{labels.label_column}`")
+    names = (labels.path_column, labels.label_column)
+    given_path, given_label = (F.col(f"`{name.replace('`', '``')}`") for name in names)
+    record = "=%s, ".join(name.replace("%", "%%") for name in names) + "=%s"  # "path=%s, label=%s"
     return rows.select(
         F.nullif(F.regexp_replace(F.trim(given_path), r"^(\./)+", ""), F.lit("")).alias("_path"),
         F.nullif(F.trim(given_label), F.lit("")).alias("_label"),
-        F.format_string(f"{labels.path_column}=%s, {labels.label_column}=%s", given_path, given_label).alias("_record"),
+        F.format_string(record, given_path, given_label).alias("_record"),
         F.input_file_name().alias("_file"),
     )
 

@@ -67,8 +67,8 @@ def test_windows_over_a_missing_step_are_not_made_when_the_frequency_is_declared
         got = windows(frequency=frequency)
     assert got == {key: value for key, value in consecutive_rows.items() if key not in ("a|3", "a|5")}
     assert len(got) == 5 + 8
-    assert f"2 windows span a missing step (source.window.frequency {frequency}) and are not made; most in: a (2)" \
-        in caplog.text
+    assert (f"2 windows are not made: their steps are not source.window.frequency {frequency} apart (a missing or "
+            f"quarantined step inside them); most in: a (2)") in caplog.text
 
 
 SERIES_COLUMNS = [
