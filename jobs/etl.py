@@ -210,9 +210,9 @@ def _quarantine(checked: DataFrame, is_clean: Column, cfg: PipelineConfig) -> tu
     """
     counted = Observation("rows")
     write_quarantine(quarantine_rows(checked.observe(counted, *row_counts(is_clean))), cfg.quarantine_dir)
-    counts = counted.get
-    check_counts(counts, cfg.source.max_bad_fraction, cfg.quarantine_dir)
-    return counts, quarantine_reasons(cfg.quarantine_dir, checked.sparkSession)
+    counts, reasons = counted.get, quarantine_reasons(cfg.quarantine_dir, checked.sparkSession)
+    check_counts(counts, cfg.source.max_bad_fraction, cfg.quarantine_dir, reasons)
+    return counts, reasons
 
 
 def _split(clean: DataFrame, classes: list[str], cfg: PipelineConfig, total: int, quality_columns: list[str],

@@ -37,17 +37,25 @@ def quarantine_reasons(quarantine_dir: Path, spark: SparkSession) -> dict[str, i
     return dict(sorted((row["reason"], row["count"]) for row in counted))
 
 
-def check_counts(counts: dict[str, int], max_bad_fraction: float, quarantine_dir: Path) -> None:
-    """Raise unless clean + quarantined rows add up to the input rows, some are clean and few are bad."""
+SHOWN_REASONS = 3  # how many of the most common quarantine reasons a failed ETL names
+
+
+def check_counts(counts: dict[str, int], max_bad_fraction: float, quarantine_dir: Path,
+                 reasons: dict[str, int]) -> None:
+    """Raise unless clean + quarantined rows add up to the input rows, some are clean and few are bad; the error
+    names the most common of the quarantine's `reasons` (reason -> rows)."""
     rows_in, clean, bad = counts["rows_in"], counts["rows_clean"], counts["rows_quarantined"]
     if rows_in != clean + bad:
         raise DataError(f"row counts do not reconcile: rows_in {rows_in} != clean {clean} + quarantined {bad}")
+    top = sorted(reasons.items(), key=lambda item: (-item[1], item[0]))[:SHOWN_REASONS]
+    why = ", ".join(f'{rows} row{"s" * (rows != 1)} "{reason}"' for reason, rows in top)
     if clean == 0:
-        raise DataError(f"no clean rows among {rows_in} input files; see the quarantine at {quarantine_dir}")
+        raise DataError(f"no clean rows among {rows_in} input records (most common reasons: {why}); see the "
+                        f"quarantine at {quarantine_dir}")
     if bad / rows_in > max_bad_fraction:
         raise DataError(
             f"quarantined fraction {bad / rows_in:.4f} ({bad} of {rows_in} rows) exceeds source.max_bad_fraction "
-            f"{max_bad_fraction:g}; see the quarantine at {quarantine_dir}"
+            f"{max_bad_fraction:g} (most common reasons: {why}); see the quarantine at {quarantine_dir}"
         )
 
 

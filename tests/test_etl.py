@@ -240,7 +240,9 @@ def test_too_many_bad_files_fail_with_the_fraction_and_quarantine_path(spark, tm
     (source / "b" / "y.txt").write_bytes(b"y")
     cfg = etl_config(source, tmp_path / "run")
 
-    with pytest.raises(DataError, match=rf"quarantined fraction 0\.2000 \(2 of 10 rows\).*{cfg.quarantine_dir}"):
+    with pytest.raises(DataError, match=rf"quarantined fraction 0\.2000 \(2 of 10 rows\) exceeds source\.max_bad_"
+                                        rf"fraction 0\.05 \(most common reasons: 2 rows \"{UNIDENTIFIED}\"\); see the "
+                                        rf"quarantine at {cfg.quarantine_dir}$"):
         run_etl(cfg)
     assert pq.read_table(cfg.quarantine_dir).num_rows == 2
     assert not cfg.dataset_dir.exists()

@@ -293,9 +293,22 @@ def test_too_many_bad_rows_fail_with_the_fraction(spark, tmp_path):
     path = tmp_path / "bad.csv"
     path.write_text("\n".join([HEADER, *(csv_line(clean_row(i)) for i in range(6)), "7,x,1,red,,a", "8,,1,red,,a"]) + "\n")
     cfg = table_config(path, tmp_path / "run", source={"max_bad_fraction": 0.2})
-    with pytest.raises(DataError, match=r"quarantined fraction 0\.2500 \(2 of 8 rows\)"):
+    with pytest.raises(DataError, match=r"quarantined fraction 0\.2500 \(2 of 8 rows\) exceeds source\.max_bad_"
+                                        r"fraction 0\.2 \(most common reasons: 1 row \"column 'x': missing required "
+                                        r"value\", 1 row \"column 'x': not a valid double\"\); see the quarantine"):
         run_etl(cfg)
     assert pq.read_table(cfg.quarantine_dir).num_rows == 2
+
+
+def test_an_input_without_a_clean_row_fails_naming_the_most_common_reasons(spark, tmp_path):
+    path = tmp_path / "bad.csv"
+    path.write_text("\n".join([HEADER, "7,x,1,red,,a", "8,y,1,red,,a", "9,,1,red,,a", "10,1,1,pink,,a"]) + "\n")
+    cfg = table_config(path, tmp_path / "run", source={"max_bad_fraction": 1.0})
+    with pytest.raises(DataError, match=r"^no clean rows among 4 input records \(most common reasons: 2 rows "
+                                        r"\"column 'x': not a valid double\", 1 row \"column 'color': not one of the "
+                                        r"allowed values \[red, green, blue\]\", 1 row \"column 'x': missing required "
+                                        r"value\"\); see the quarantine at "):
+        run_etl(cfg)
 
 
 def test_small_generated_methods_hold_only_inside_their_block(spark):
