@@ -9,6 +9,7 @@ from __future__ import annotations
 import bz2
 import gzip
 import re
+import zlib
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -34,12 +35,12 @@ _DECOMPRESSED = {".gz": gzip.open, ".bz2": bz2.open}
 
 
 def _cut_short(path: Path) -> bool:
-    """True when a gzip or bzip2 file ends before its compressed stream does (read to the end)."""
+    """True when a gzip or bzip2 file ends before its compressed stream does, or cannot be read to its end."""
     try:
         with _DECOMPRESSED[path.suffix](path, "rb") as stream:
             while stream.read(1 << 22):
                 pass
-    except EOFError:
+    except (EOFError, OSError, zlib.error):  # cut short; or damaged (a bad header or checksum)
         return True
     return False
 
@@ -54,7 +55,7 @@ def refusal(spark_says: str, files: Sequence[Path]) -> str | None:
         return None
     cut = [str(f) for f in files if f.suffix in _DECOMPRESSED and _cut_short(f)]  # on the failure path only
     if cut:
-        return f"compressed file(s) {', '.join(cut)}: cut short (the stream ends early: {_CUT_SHORT})"
+        return f"compressed file(s) {', '.join(cut)}: cut short or damaged, not readable to the end ({_CUT_SHORT})"
     return (f"a compressed input file is cut short ({_CUT_SHORT}); Spark does not say which, and no .gz or .bz2 "
             f"file of the source is: check its other compressed files")
 

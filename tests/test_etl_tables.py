@@ -240,8 +240,8 @@ def test_a_gzip_csv_cut_short_fails_naming_it(spark, tmp_path):
     cfg = table_config(tmp_path / "in", tmp_path / "run")
     with pytest.raises(DataError) as raised:  # Spark's own error says only "Unexpected end of input stream"
         run_etl(cfg)
-    assert str(raised.value) == (f"compressed file(s) {(tmp_path / 'in' / 'part-1.csv.gz').resolve()}: cut short "
-                                 f"(the stream ends early: Unexpected end of input stream)")
+    assert str(raised.value) == (f"compressed file(s) {(tmp_path / 'in' / 'part-1.csv.gz').resolve()}: cut short or "
+                                 f"damaged, not readable to the end (Unexpected end of input stream)")
     assert not cfg.dataset_dir.exists()
 
 
@@ -252,6 +252,12 @@ def test_a_cut_short_stream_spark_does_not_name_is_reported_without_a_guess(tmp_
         "a compressed input file is cut short (Unexpected end of input stream); Spark does not say which, and no .gz "
         "or .bz2 file of the source is: check its other compressed files")
     assert refusal("java.lang.OutOfMemoryError: Java heap space", [whole]) is None  # not a file's fault: re-raised
+    damaged = tmp_path / "part-1.csv.gz"
+    flipped = bytearray(_gzip_csv(range(5)))
+    flipped[-6] ^= 0xFF  # the CRC-32 in the trailer
+    damaged.write_bytes(bytes(flipped))
+    assert refusal("java.io.EOFException: Unexpected end of input stream", [whole, damaged]) == (
+        f"compressed file(s) {damaged}: cut short or damaged, not readable to the end (Unexpected end of input stream)")
 
 
 def test_an_error_without_text_is_re_raised_as_it_is():
