@@ -139,8 +139,9 @@ def run_distributed(
     wait_for_slots_s: float = 120.0,
 ) -> int:
     """Train with TorchDistributor (default `train.world_size` processes on the executors); return the exit code
-    (0 ok, rank 0's code, or 1 when the Spark job failed). Raises DistributorSettingsError, or ConfigError when the
-    config cannot train on the dataset (`jobs.train.check_training`), before starting."""
+    (0 ok, rank 0's code, or 1 when the Spark job failed). Raises DistributorSettingsError, or ConfigError /
+    DataError when the config cannot train on the dataset on that many ranks (`jobs.train.check_training`), before
+    starting."""
     from pyspark.ml.torch.distributor import TorchDistributor
 
     from jobs.train import check_training
@@ -148,7 +149,7 @@ def run_distributed(
     from pipelines.spark import spark_session
 
     cfg = load_config(config_path, overrides)
-    check_training(cfg, read_manifest(cfg.dataset_dir))  # before Spark or any rank starts
+    check_training(cfg, read_manifest(cfg.dataset_dir), num_processes or cfg.train.world_size)  # before any rank
     spark = spark or spark_session(cfg.spark, f"dlpipe-train-{cfg.name}")
     conf = dict(spark.sparkContext.getConf().getAll())
     plan = plan_distributed_training(

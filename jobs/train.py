@@ -28,7 +28,7 @@ from dl.dec import fit_dec
 from dl.distributed import DistContext, distributed, is_master
 from dl.models import build_model
 from dl.nonfinite import NonFiniteLoss
-from dl.petastorm_reader import split_dir
+from dl.petastorm_reader import check_shardable, split_dir
 from dl.serving import log_and_register
 from dl.tasks import Task, build_task
 from dl.trainer import fit, resumes
@@ -39,6 +39,7 @@ from jobs.tracking import MetricsBuffer, TrackingUnavailable, record_outage, use
 from pipelines.atomic import write_text_atomic
 from pipelines.dataset import read_manifest
 from pipelines.errors import DataError
+from pipelines.split import SPLITS
 from pipelines.text import vocabulary_size
 
 log = logging.getLogger("dlpipe.train")
@@ -93,12 +94,14 @@ def system_info(ctx: DistContext) -> dict[str, str]:
     return info
 
 
-def check_training(cfg: PipelineConfig, manifest: dict) -> tuple[Task, tuple | None]:
+def check_training(cfg: PipelineConfig, manifest: dict, world_size: int | None = None) -> tuple[Task, tuple | None]:
     """(the task, its target statistics) once the config is known to train on this dataset: the task fits the
     dataset's labels and the train settings, the model its feature shape; ConfigError naming the mismatch if not.
+    With `world_size`, also ShardingError (a DataError) when a split has fewer row groups than ranks (e.g.
+    `train.world_size` raised after the ETL wrote the dataset).
 
-    The launchers run it before any rank starts (a mismatch is a config error, not a training failure), and each
-    rank again."""
+    The launchers run it before any rank starts (a mismatch is a config or data error, not a training failure), and
+    each rank again (the trainer checks the shards itself)."""
     try:
         task = build_task(cfg.model, manifest["classes"], cfg.train.anomaly)
         task.check(cfg.train)
@@ -107,6 +110,8 @@ def check_training(cfg: PipelineConfig, manifest: dict) -> tuple[Task, tuple | N
                     target_statistics=target_statistics, vocab_size=vocabulary_size(manifest))
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    for split in SPLITS if world_size else ():
+        check_shardable(split_dir(cfg.dataset_dir, split), world_size)
     return task, target_statistics
 
 
@@ -185,10 +190,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def launch(cfg_path: str | Path, overrides: list[str] | tuple[str, ...] = (), world_size: int = 1) -> int:
     """Run `jobs.train` on `world_size` local ranks under torchrun, restarted up to `train.max_restarts` times
-    from the last checkpoint; the exit code is non-zero if a rank failed for good. ConfigError (DataError without a
-    dataset) before starting when the config cannot train on the dataset (`check_training`)."""
+    from the last checkpoint; the exit code is non-zero if a rank failed for good. ConfigError or DataError before
+    starting when the config cannot train on the dataset on `world_size` ranks (`check_training`)."""
     cfg = load_config(cfg_path, overrides)
-    check_training(cfg, read_manifest(cfg.dataset_dir))  # before any rank starts
+    check_training(cfg, read_manifest(cfg.dataset_dir), world_size)  # before any rank starts
     # torchrun's per-rank folders (left in /tmp by default, one set per launch) go in one removed afterwards
     with tempfile.TemporaryDirectory(prefix="dlpipe-torchrun-") as rank_dirs:
         command = [

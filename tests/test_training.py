@@ -1,6 +1,7 @@
 """DDP training on CPU: real 2-process gloo groups over tiny synthetic datasets that follow the dataset contract."""
 from __future__ import annotations
 
+import getpass
 import json
 import os
 import subprocess
@@ -502,14 +503,29 @@ def test_launch_fails_promptly_when_a_rank_fails(tmp_path, capfd, monkeypatch):
     temp.mkdir()
     monkeypatch.setenv("TMPDIR", str(temp))
     dataset = tmp_path / "run" / "dataset"
-    write_dataset(dataset, {"train": [[40]], "val": [[5]] * 2, "test": [[5]] * 2})
+    write_dataset(dataset, {"train": [[20]] * 2, "val": [[5]] * 2, "test": [[5]] * 2})
     write_manifest(dataset)
+    manifest = json.loads((dataset / "manifest.json").read_text())  # 2 classes, while the rows hold labels 0-9:
+    (dataset / "manifest.json").write_text(json.dumps({**manifest, "classes": CLASSES[:2]}))  # the ranks find out
     started = time.monotonic()
     assert launch(_write_config(tmp_path), [], world_size=2) != 0
     assert time.monotonic() - started < 90
-    assert "1 Parquet row group(s) for world size 2" in capfd.readouterr().err
+    assert "IndexError: Target" in capfd.readouterr().err  # cross-entropy on a label beyond the model's 2 outputs
     assert not (tmp_path / "run" / "train_result.json").exists()
-    assert list(temp.iterdir()) == []
+    left = {path.name for path in temp.iterdir()}
+    assert left <= {f"torchinductor_{getpass.getuser()}"}, left  # no torchelastic_* folder (torch's cache may be)
+
+
+def test_fewer_row_groups_than_ranks_fail_the_launch_before_any_rank_starts(tmp_path, monkeypatch):
+    from jobs import train as training
+
+    dataset = tmp_path / "run" / "dataset"
+    write_dataset(dataset, {"train": [[40]], "val": [[5]] * 2, "test": [[5]] * 2})  # e.g. world_size raised since
+    write_manifest(dataset)
+    monkeypatch.setattr(training.subprocess, "Popen", lambda *args, **kwargs: pytest.fail("torchrun was started"))
+    with pytest.raises(ShardingError, match=r"split=train: 1 Parquet row group\(s\) for world size 2; petastorm "
+                                            r"shards by row group, so write at least 2 \(output\.files_per_split\)"):
+        training.launch(_write_config(tmp_path), [], world_size=2)
 
 
 @pytest.mark.parametrize("feature_shape, train, message", [
