@@ -12,7 +12,7 @@ import mlflow
 import psutil
 import pytest
 
-from jobs.cli import EXIT_LOCKED, EXIT_PROMOTION, EXIT_TRACKING, EXIT_TRAINING
+from jobs.cli import EXIT_DATA, EXIT_LOCKED, EXIT_PROMOTION, EXIT_TRACKING, EXIT_TRAINING
 from jobs.config import load_config
 from jobs.run import run_stages
 from jobs.state import marker_path, pipeline_lock, read_marker
@@ -180,7 +180,20 @@ def test_promoting_a_version_that_does_not_exist_exits_with_the_promotion_code(p
 def test_a_failing_training_rank_exits_with_the_training_code(pipeline, spark):
     root, overrides = pipeline
     run_stages(DIGITS, overrides, only="etl")
-    # Three ranks but the train split was written as two files: every rank stops before training.
+    # Three ranks but the train split was written as two files: refused before any rank starts.
     code, err = finished(dlpipe("train", str(DIGITS), *overrides, "train.world_size=3", cwd=root))
+    assert code == EXIT_DATA
+    assert err.strip().splitlines()[-1].startswith("dlpipe: data error: ") and \
+        err.strip().endswith(": 2 Parquet row group(s) for world size 3; petastorm shards by row group, so write at "
+                             "least 3 (output.files_per_split) or train on fewer ranks")
+    # A manifest that names 2 classes for rows of 3 classes: the ranks start, then fail at their first batch.
+    manifest = load_config(DIGITS, overrides).dataset_dir / "manifest.json"
+    written = manifest.read_text()
+    manifest.write_text(json.dumps({**json.loads(written), "classes": ["0", "1"]}))
+    try:
+        code, err = finished(dlpipe("train", str(DIGITS), *overrides, cwd=root))
+    finally:
+        manifest.write_text(written)
     assert code == EXIT_TRAINING
-    assert "row group" in err and err.strip().splitlines()[-1].startswith("dlpipe: training failed: torchrun exited")
+    assert "IndexError: Target" in err
+    assert err.strip().splitlines()[-1].startswith("dlpipe: training failed: torchrun exited")
