@@ -18,10 +18,9 @@ from typing import Callable
 
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
-from mlflow.exceptions import MlflowException
 from pyspark.sql import SparkSession
 
-from dl.registry import CHAMPION
+from dl.registry import CHAMPION, ModelNotFound, resolve_model_version
 from jobs.config import PromoteConf
 from pipelines.errors import DataError
 
@@ -108,14 +107,9 @@ def metric_of_version(client: MlflowClient, version: ModelVersion, metric: str) 
 def find_candidate(client: MlflowClient, model_name: str, version: str | None = None) -> ModelVersion:
     """The version to judge: `version` if given, else the newest version of `model_name`."""
     try:
-        if version is not None:
-            return client.get_model_version(model_name, str(version))
-        versions = client.search_model_versions(f"name = '{model_name}'")
-    except MlflowException as exc:
-        raise PromotionError(f"registered model '{model_name}' version {version or 'latest'}: {exc.message}") from None
-    if not versions:
-        raise PromotionError(f"registered model '{model_name}' has no versions to promote")
-    return max(versions, key=lambda v: int(v.version))
+        return resolve_model_version(f"models:/{model_name}/{version or 'latest'}", client)
+    except (ModelNotFound, ValueError) as exc:
+        raise PromotionError(str(exc)) from None
 
 
 def _one_line(exc: BaseException) -> str:

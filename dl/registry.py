@@ -50,9 +50,11 @@ def resolve_model_version(model_uri: str, client: MlflowClient | None = None) ->
             raise ModelNotFound(f"{model_uri}: model '{name}' has no alias '{alias}'{hint}; its aliases: {aliases}")
         return client.get_model_version_by_alias(name, alias)
     numbers = sorted(int(v.version) for v in client.search_model_versions(f"name = '{name}'"))
-    if version == "latest" and numbers:
+    if not numbers:
+        raise ModelNotFound(f"{model_uri}: model '{name}' has no versions")
+    if version == "latest":
         version = str(numbers[-1])
-    if not version.isdigit() or int(version) not in numbers:
+    if int(version) not in numbers:
         raise ModelNotFound(f"{model_uri}: model '{name}' has no version {version}; "
                             f"its versions: {', '.join(map(str, numbers)) or 'none'}")
     return client.get_model_version(name, str(int(version)))

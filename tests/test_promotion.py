@@ -158,5 +158,7 @@ def test_missing_metric_is_an_error_naming_metric_and_run_and_moves_nothing(stor
     with pytest.raises(PromotionError, match=f"metric 'test_accuracy' is not logged on run {run_id}"):
         run_promote(cfg)
     assert _aliases(store, "no-metric") == {} and _tags(store, "no-metric", "1") == {}
-    with pytest.raises(PromotionError, match="registered model 'nothing-here' has no versions"):
+    with pytest.raises(PromotionError, match="the registry has no model named 'nothing-here'"):
         run_promote(pipeline_config(store.root, "promotion-test", "nothing-here"))
+    with pytest.raises(PromotionError, match="model 'no-metric' has no version 7; its versions: 1"):
+        run_promote(cfg, version="7")

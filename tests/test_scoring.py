@@ -54,7 +54,7 @@ def test_registered_versions_and_uri_forms(registry):
     (f"models:/{NAME}@nope", f"model '{NAME}' has no alias 'nope'; its aliases: champion -> 1"),
     (f"models:/{NAME}/9", f"model '{NAME}' has no version 9; its versions: 1, 2"),
     ("models:/other@champion", "the registry has no model named 'other'"),
-    ("models:/unversioned/latest", "model 'unversioned' has no version latest; its versions: none"),
+    ("models:/unversioned/latest", "model 'unversioned' has no versions"),
     ("models:/unversioned@champion",
      "model 'unversioned' has no alias 'champion' (`dlpipe promote` sets it); its aliases: none"),
 ], ids=["alias", "version", "model", "latest-of-none", "champion-of-none"])
