@@ -77,21 +77,21 @@ def _image_etl(spark: SparkSession, cfg: PipelineConfig) -> dict:
         return _write(
             cfg, dataset, counts, reasons, classes, balance,
             quality=quality,
-            **_image_inputs(decoded, cfg.source.labels, counts["rows_in"]),
+            **_image_inputs(decoded, cfg.source.labels),
             feature_shape=(channels, height, width),
             preprocessing=preprocessing,
         )
 
 
-def _image_inputs(decoded: DataFrame, labels: ImageLabels | None, rows_in: int) -> dict:
+def _image_inputs(decoded: DataFrame, labels: ImageLabels | None) -> dict:
     """`input_hash` and `input_files` of an image source: its image files, and its labels CSV when it has one
-    (then `decoded` also holds the CSV's rows that name no image)."""
-    if labels is None:  # one row per image file
-        return {"input_hash": content_hash(decoded, "id", "content_sha256"), "input_files": rows_in}
-    image_files = decoded.where(F.col("content_sha256").isNotNull())
+    (then `decoded` also holds the CSV's rows that name no image, which have no file hash)."""
+    image_hash, image_files = content_hash(decoded, "id", "content_sha256")
+    if labels is None:
+        return {"input_hash": image_hash, "input_files": image_files}
     csv = Path(labels.path).resolve()
-    both = f"{content_hash(image_files, 'id', 'content_sha256')}\t{file_content_hash([csv], csv.parent)}"
-    return {"input_hash": hashlib.sha256(both.encode()).hexdigest(), "input_files": image_files.count() + 1}
+    both = f"{image_hash}\t{file_content_hash([csv], csv.parent)}"
+    return {"input_hash": hashlib.sha256(both.encode()).hexdigest(), "input_files": image_files + 1}
 
 
 def _table_etl(spark: SparkSession, cfg: PipelineConfig) -> dict:

@@ -59,13 +59,15 @@ def check_counts(counts: dict[str, int], max_bad_fraction: float, quarantine_dir
         )
 
 
-def content_hash(files: DataFrame, key_col: str, hash_col: str) -> str:
-    """sha256 over the sorted (relative path, file sha256) pairs; the per-file hashes are computed by Spark."""
-    pairs = sorted((row[key_col], row[hash_col]) for row in files.select(key_col, hash_col).collect())
+def content_hash(files: DataFrame, key_col: str, hash_col: str) -> tuple[str, int]:
+    """sha256 over the sorted (relative path, file sha256) pairs of the rows that have a file hash, and how many
+    files that is; the per-file hashes are computed by Spark."""
+    hashed = files.where(F.col(hash_col).isNotNull()).select(key_col, hash_col)
+    pairs = sorted((row[key_col], row[hash_col]) for row in hashed.collect())
     digest = hashlib.sha256()
     for key, file_hash in pairs:
         digest.update(f"{key}\t{file_hash}\n".encode())
-    return digest.hexdigest()
+    return digest.hexdigest(), len(pairs)
 
 
 def file_content_hash(files: list[Path], root: Path) -> str:
