@@ -62,12 +62,12 @@ def _micros(time: Column, data_type) -> Column:
 def _warn_of_gaps(gappy: DataFrame, conf: WindowConf, series_col: str | None) -> None:
     """Log how many windows are not made for steps not `frequency` apart, naming the series with the most."""
     per_series = gappy.groupBy((F.col(series_col) if series_col else F.lit("the series")).alias("series")).count()
-    worst = per_series.orderBy(F.desc("count"), "series").limit(SHOWN_GAPPY_SERIES).collect()
+    with_total = per_series.withColumn("total", F.sum("count").over(Window.partitionBy()))  # one Spark job
+    worst = with_total.orderBy(F.desc("count"), "series").limit(SHOWN_GAPPY_SERIES).collect()
     if worst:
-        total = per_series.agg(F.sum("count")).first()[0]
         log.warning("%d windows are not made: their steps are not source.window.frequency %s apart (a missing or "
                     "quarantined step inside them); most in: %s",
-                    total, conf.frequency, ", ".join(f"{row['series']} ({row['count']})" for row in worst))
+                    worst[0]["total"], conf.frequency, ", ".join(f"{row['series']} ({row['count']})" for row in worst))
 
 
 def check_series_fit_windows(steps: DataFrame, conf: WindowConf, series_col: str | None) -> None:

@@ -49,11 +49,11 @@ def test_windows_match_a_hand_computed_example_and_stay_inside_their_split(spark
 
 @pytest.mark.parametrize("kind, frequency", [("date", "1 day"), ("timestamp", "1h")])
 def test_windows_over_a_missing_step_are_not_made_when_the_frequency_is_declared(spark, caplog, kind, frequency):
-    # series a lacks step 4, series b has steps 0-9; each step's input is its number, its target 1000 + number
+    # series a lacks step 4, series b step 8; each step's input is its number, its target 1000 + number
     unit = timedelta(days=1) if kind == "date" else timedelta(hours=1)
     first = START if kind == "date" else datetime(2021, 1, 1, 6)
     steps = [(f"{s}|{n}", s, first + n * unit, "train", [float(n)], 1000.0 + n)
-             for s in ("a", "b") for n in range(10) if (s, n) != ("a", 4)]
+             for s in ("a", "b") for n in range(10) if (s, n) not in (("a", 4), ("b", 8))]
     df = spark.createDataFrame(steps, f"id string, series string, t {kind}, split string, raw array<float>, y double")
     df = df.withColumn("features", df["raw"]).withColumnRenamed("raw", "raw_features")
 
@@ -63,12 +63,13 @@ def test_windows_over_a_missing_step_are_not_made_when_the_frequency_is_declared
 
     consecutive_rows = windows()  # the rows 2, 3 -> 5 and 3, 5 -> 6 of series a make windows over the gap
     assert consecutive_rows["a|3"] == ([2, 3], [1005]) and consecutive_rows["a|5"] == ([3, 5], [1006])
+    assert consecutive_rows["b|7"] == ([6, 7], [1009])
     with caplog.at_level("WARNING", logger="dlpipe.windows"):
         got = windows(frequency=frequency)
-    assert got == {key: value for key, value in consecutive_rows.items() if key not in ("a|3", "a|5")}
-    assert len(got) == 5 + 8
-    assert (f"2 windows are not made: their steps are not source.window.frequency {frequency} apart (a missing or "
-            f"quarantined step inside them); most in: a (2)") in caplog.text
+    assert got == {key: value for key, value in consecutive_rows.items() if key not in ("a|3", "a|5", "b|7")}
+    assert len(got) == 5 + 6
+    assert (f"3 windows are not made: their steps are not source.window.frequency {frequency} apart (a missing or "
+            f"quarantined step inside them); most in: a (2), b (1)") in caplog.text
 
 
 SERIES_COLUMNS = [
