@@ -77,6 +77,10 @@ class _FileTableSource(_Strict):
     duplicates: Literal["keep_first", "fail"] = "keep_first"  # rows repeating a key: quarantine or fail the job
     header: bool = True  # CSV only
     delimiter: str = Field(",", min_length=1, max_length=1)  # CSV only
+    multiline: bool = False  # CSV only: a quoted value may span lines (then each file is read by one task)
+    # CSV only: what escapes a quote inside a quoted value: '"' doubles it (RFC 4180: pandas, Python's csv, Excel);
+    # '\\' is what Spark's CSV writer uses by default
+    escape: Literal['"', "\\"] = '"'
     max_bad_fraction: float = Field(0.05, ge=0.0, le=1.0)
 
     def column(self, name: str | None) -> ColumnSpec | None:

@@ -29,7 +29,7 @@ def read_labels(spark: SparkSession, labels: ImageLabels) -> DataFrame:
     path = Path(labels.path).resolve()
     if not path.is_file():
         raise DataError(f"labels CSV {path} does not exist (source.labels.path: {labels.path})")
-    rows = spark.read.csv(str(path), header=True)  # every column as text
+    rows = spark.read.csv(str(path), header=True, escape='"')  # every column as text; quotes doubled (RFC 4180)
     missing = [name for name in (labels.path_column, labels.label_column) if name not in rows.columns]
     if missing:
         raise DataError(f"labels CSV {path} has no column {', '.join(map(repr, missing))} (its columns: "

@@ -54,6 +54,9 @@ def malformed_reason(kind: str, columns: int) -> str:
     return f"malformed record: not {what} {columns} columns"
 
 
+UNCLOSED_QUOTE_HINT = " (a quoted value is not closed on its line: `source.multiline: true` reads values spanning lines)"
+
+
 FileSource = TableSource | TimeSeriesSource | TextSource
 
 
@@ -87,10 +90,12 @@ def _read(spark: SparkSession, source: FileSource, files: list[Path]) -> DataFra
     schema = StructType([StructField(c.name, _PARSED_BY_CSV_READER[c.type] if c.name in parsed else StringType())
                          for c in source.columns]).add(CORRUPT_RECORD, StringType())
     reader = spark.read.schema(schema).options(mode="PERMISSIVE", columnNameOfCorruptRecord=CORRUPT_RECORD)
-    rows = reader.csv(paths, header=source.header, sep=source.delimiter, enforceSchema=False)
+    rows = reader.csv(paths, header=source.header, sep=source.delimiter, escape=source.escape,
+                      multiLine=source.multiline, enforceSchema=False)
     # The reader flags a line it cannot split into the declared columns, or whose value it cannot parse; such a
     # line (rare) is split again as text, to tell the two apart and check its values one by one.
-    options = {"mode": "PERMISSIVE", "columnNameOfCorruptRecord": CORRUPT_RECORD, "sep": source.delimiter}
+    options = {"mode": "PERMISSIVE", "columnNameOfCorruptRecord": CORRUPT_RECORD, "sep": source.delimiter,
+               "escape": source.escape}
     flagged = F.col(CORRUPT_RECORD)
     return rows.withColumn(_REREAD, F.when(flagged.isNotNull(), F.from_csv(flagged, _ddl(_as_text(source)), options)))
 
@@ -159,6 +164,9 @@ def _row_reason(source: FileSource) -> Column:
     reread = F.col(_REREAD)
     as_text = _joined([_value_problem(c, reread[c.name], reread[c.name].cast(c.type), c.name in required)
                        for c in source.columns])
+    if not source.multiline:  # an odd number of quotes: a value that goes on in the next line(s)
+        unclosed = F.length(F.regexp_replace(F.col(CORRUPT_RECORD), '[^"]', "")) % 2 == 1
+        malformed = F.when(unclosed, F.concat(malformed, F.lit(UNCLOSED_QUOTE_HINT))).otherwise(malformed)
     # A flagged line always has a reason: the reader could not read it into the declared types.
     return (F.when(~flagged, as_read)
             .when(reread[CORRUPT_RECORD].isNotNull(), malformed)

@@ -1,7 +1,9 @@
 """The ETL stage on small CSV / JSON Lines / Parquet tables: declared schema, quarantine reasons, leak-free preprocessing."""
 from __future__ import annotations
 
+import csv
 import gzip
+import io
 import json
 import re
 from pathlib import Path
@@ -18,7 +20,7 @@ from pipelines.errors import DataError
 from pipelines.file_refusals import file_refusals_named, refusal
 from pipelines.scaling import FittedScaler
 from pipelines.spark import HUGE_METHOD_LIMIT, small_generated_methods
-from pipelines.tables import DUPLICATE_KEY, ingest_table, malformed_reason, source_files
+from pipelines.tables import DUPLICATE_KEY, UNCLOSED_QUOTE_HINT, ingest_table, malformed_reason, source_files
 
 COLUMNS = [
     {"name": "id", "type": "int", "nullable": False},
@@ -33,7 +35,7 @@ COLORS = ("red", "green", "blue")
 # (line, reason): every kind of bad record, each once (the last one has two problems)
 BAD_LINES = [
     ("41,1.0,2.0,red", malformed_reason("csv", 6)),
-    ('42,5,1,red,"square,a', malformed_reason("csv", 6)),
+    ('42,5,1,red,"square,a', malformed_reason("csv", 6) + UNCLOSED_QUOTE_HINT),
     ("43,abc,1,red,square,a", "column 'x': not a valid double"),
     ("44,150,1,red,square,a", "column 'x': above the maximum 100"),
     ("45,-1,1,red,square,a", "column 'x': below the minimum 0"),
@@ -112,7 +114,8 @@ def test_every_bad_record_kind_is_quarantined_with_its_reason_and_counts_reconci
     assert manifest["quarantine_reasons"] == dict(sorted(expected.items()))
     assert all(row["source_file"].endswith("part-1.csv") for row in quarantine)
     by_reason = {row["reason"]: row["record"] for row in quarantine}
-    assert by_reason[malformed_reason("csv", 6)] in {"41,1.0,2.0,red", '42,5,1,red,"square,a'}
+    assert by_reason[malformed_reason("csv", 6)] == "41,1.0,2.0,red"
+    assert by_reason[malformed_reason("csv", 6) + UNCLOSED_QUOTE_HINT] == '42,5,1,red,"square,a'
     # the CSV reader parses the numbers of a line it can read: the record shows them as parsed
     assert json.loads(by_reason["column 'x': above the maximum 100"]) == {
         "id": "44", "x": "150.0", "y": "1.0", "color": "red", "shape": "square", "label": "a",
@@ -198,6 +201,50 @@ def test_json_lines_malformed_wrong_type_and_missing_fields(spark, tmp_path):
         "column 'label': not one of the allowed values [a, b]",
     ])
     assert next(r["record"] for r in checked if r["reason"] == malformed_reason("json", 6)) == "{not json"
+
+
+def _csv_text(rows: list[dict], *extra_lines: str) -> str:
+    """The header and `rows` as Python's csv module writes them (RFC 4180: quotes doubled), then `extra_lines`."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow([c["name"] for c in COLUMNS])
+    writer.writerows([["" if row[c["name"]] is None else row[c["name"]] for c in COLUMNS] for row in rows])
+    return out.getvalue() + "".join(f"{line}\n" for line in extra_lines)
+
+
+def _ingested(spark, path: Path, **source) -> dict[str, tuple]:
+    cfg = table_config(path, path.parent / "run", source=source)
+    rows = ingest_table(spark, cfg.source, source_files(path)).select("id", "shape", "reason", "record").collect()
+    return {row["record"] or row["id"]: (row["shape"], row["reason"]) for row in rows}
+
+
+def test_quotes_inside_quoted_values_are_read_as_rfc_4180_or_as_spark_writes_them(spark, tmp_path):
+    rows = [clean_row(i) for i in range(3)]
+    rows[1]["shape"] = 'a "tall", square'
+    path = tmp_path / "rows.csv"
+    path.write_text(_csv_text(rows))
+    assert _ingested(spark, path)["1"] == ('a "tall", square', None)  # the doubled quotes of pandas and Python
+    path.write_text(_csv_text(rows).replace('"a ""tall"", square"', r'"a \"tall\", square"'))
+    assert _ingested(spark, path, escape="\\")["1"] == ('a "tall", square', None)  # Spark's writer's escapes
+
+
+def test_values_spanning_lines_are_read_whole_when_declared_multiline_and_quarantined_with_a_hint_if_not(
+        spark, tmp_path):
+    rows = [clean_row(i) for i in range(4)]
+    rows[1]["shape"] = 'tall\nsquare, "quoted"'
+    path = tmp_path / "rows.csv"
+    path.write_text(_csv_text(rows, '9,5,1,red,"two\nlines",a,extra'))  # 7 columns, over two lines
+
+    whole = _ingested(spark, path, multiline=True)
+    assert whole == {"0": ("square", None), "1": ('tall\nsquare, "quoted"', None), "2": ("circle", None),
+                     "3": ("circle", None), '9,5,1,red,"two\nlines",a,extra': ("two\nlines", malformed_reason("csv", 6))}
+    by_line = _ingested(spark, path)  # every line a record: the unclosed quotes get the hint
+    hinted = malformed_reason("csv", 6) + UNCLOSED_QUOTE_HINT
+    assert {record: reason for record, (_, reason) in by_line.items() if reason} == {
+        '1,1.5,7.0,green,"tall': hinted, 'square, ""quoted""",a': hinted, '9,5,1,red,"two': hinted,
+        'lines",a,extra': hinted,
+    }
+    assert len(by_line) == 7
 
 
 def test_parquet_source_is_checked_against_the_declared_types(spark, tmp_path):
