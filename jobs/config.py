@@ -534,6 +534,20 @@ class PipelineConfig(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _source_apart_from_outputs(self) -> "PipelineConfig":
+        source, run_dir = self.source.path.resolve(), self.run_dir.resolve()
+        if run_dir.is_relative_to(source):  # the ETL reads every visible file below source.path
+            inside = run_dir.relative_to(source).parts
+            if not any(part.startswith((".", "_")) for part in inside):
+                raise ValueError(f"'source.path': {source} holds run_dir {run_dir}: the ETL would read the "
+                                 f"pipeline's own outputs as input (a run_dir named .* or _* is skipped)")
+        for what, output in (("dataset", self.dataset_dir), ("quarantine", self.quarantine_dir)):
+            if source.is_relative_to(output.resolve()):
+                raise ValueError(f"'source.path': {source} lies inside the {what} {output.resolve()}, which the "
+                                 f"ETL replaces")
+        return self
+
+    @model_validator(mode="after")
     def _paths_inside_roots(self) -> "PipelineConfig":
         if self.roots is None:
             return self

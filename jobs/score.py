@@ -16,7 +16,7 @@ from pipelines.atomic import output_lock
 from pipelines.drift import population_stability
 from pipelines.errors import DataError
 from pipelines.file_refusals import file_refusals_named
-from pipelines.input_schema import NUMERIC_ARRAY_TYPES, check_columns, check_parquet_input
+from pipelines.input_schema import NUMERIC_ARRAY_TYPES, check_columns, check_parquet_input, pattern_root
 from pipelines.scoring import score_parquet
 from pipelines.spark import spark_session
 
@@ -53,6 +53,23 @@ def check_drift(spark: SparkSession, conf: DriftConf, training_run_id: str, inpu
     return {"drift_psi_max": round(values[worst], 4)}
 
 
+def _check_output_apart(cfg: PipelineConfig, input_path: Path, output_path: Path) -> None:
+    """ConfigError when the predictions, which replace `output_path` whole, would replace or land inside the scoring
+    input, the pipeline's source, dataset or quarantine, or would replace its run folder."""
+    target = output_path.resolve()
+    if cfg.run_dir.resolve().is_relative_to(target):
+        raise ConfigError(f"scoring output {target} would replace the run folder {cfg.run_dir.resolve()} (its "
+                          "dataset, state and MLflow store); choose another --output (or score.output)")
+    kept = {"the scoring input": pattern_root(input_path), "source.path": cfg.source.path,
+            "the dataset": cfg.dataset_dir, "the quarantine": cfg.quarantine_dir}
+    for what, path in kept.items():
+        path = path.resolve()
+        if path.is_relative_to(target) or target.is_relative_to(path):
+            where = "replace" if path.is_relative_to(target) else "be written inside"
+            raise ConfigError(f"scoring output {target} would {where} {what} {path}; choose another --output "
+                              "(or score.output)")
+
+
 def run_score(
     cfg: PipelineConfig,
     model_uri: str | None = None,
@@ -62,7 +79,8 @@ def run_score(
     """Score `input_path` (default: the test split) with `model_uri` (default: the `champion` alias).
 
     DataError when the input does not exist or holds no Parquet file; ModelNotFound when the registry has no
-    such model, version or alias.
+    such model, version or alias; ConfigError when the output would replace or land inside the input, the source,
+    the dataset or the quarantine, or replace the run folder.
 
     The job is an MLflow run of the pipeline's experiment, tagged with the model version it used and
     that version's training run, so a predictions table leads back to its model and data. The job holds
@@ -77,6 +95,7 @@ def run_score(
     except ValueError as exc:
         raise ConfigError(f"{exc}; models are scored only from the configured registry {cfg.tracking_uri}") from None
     check_parquet_input(input_path, "scoring input")
+    _check_output_apart(cfg, input_path, output_path)
     with output_lock(output_path), stage("score") as summary, mlflow.start_run(run_name=f"score-{cfg.name}") as run, \
             file_refusals_named():
         mlflow.set_tags({

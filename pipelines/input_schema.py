@@ -38,6 +38,13 @@ def check_parquet_input(path: str | Path, what: str) -> None:
         raise DataError(f"{what} {text} holds no Parquet file")
 
 
+def pattern_root(path: str | Path) -> Path:
+    """The folder a path pattern stays inside: `path` up to the first part holding a glob (`*?[{`)."""
+    parts = Path(path).parts
+    fixed = next((i for i, part in enumerate(parts) if _GLOB.search(part) or "{" in part), len(parts))
+    return Path(*parts[:fixed]) if fixed else Path(".")
+
+
 def _holds_parquet(root: Path) -> bool:
     visible = lambda p: not any(part.startswith(("_", ".")) for part in p.relative_to(root).parts)  # noqa: E731
     return any(visible(p) for p in root.rglob("*.parquet"))

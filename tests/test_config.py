@@ -74,6 +74,19 @@ def test_unknown_model_kind_is_rejected():
         load_config(DIGITS, ["model.kind=transformer"])
 
 
+def test_a_source_holding_the_run_folder_or_inside_an_etl_output_is_refused(tmp_path):
+    raw = tmp_path / "raw"
+    with pytest.raises(ConfigError, match=rf"'source\.path': {raw} holds run_dir {raw / 'run'}: the ETL would read"):
+        load_config(DIGITS, [f"source.path={raw}", f"run_dir={raw / 'run'}"])
+    with pytest.raises(ConfigError, match=rf"'source\.path': {raw} holds run_dir {raw}:"):
+        load_config(DIGITS, [f"source.path={raw}", f"run_dir={raw}"])
+    assert load_config(DIGITS, [f"source.path={raw}", f"run_dir={raw / '_run'}"]).run_dir == raw / "_run"  # unlisted
+    inside = tmp_path / "run" / "quarantine" / "raw"
+    with pytest.raises(ConfigError, match=rf"'source\.path': {inside} lies inside the quarantine {inside.parent}, "):
+        load_config(DIGITS, [f"source.path={inside}", f"run_dir={tmp_path / 'run'}"])
+    assert load_config(DIGITS, [f"source.path={tmp_path / 'run' / 'raw'}", f"run_dir={tmp_path / 'run'}"])
+
+
 def test_missing_file_and_bad_yaml_are_clear(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "nope.yaml")

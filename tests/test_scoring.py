@@ -12,6 +12,7 @@ from mlflow import MlflowClient
 
 from dl.registry import ModelNotFound, resolve_model_version
 from dl.serving import ServingModel, load_scoring_model
+from jobs.config import ConfigError
 from jobs.score import run_score
 from pipelines.errors import DataError
 from pipelines.input_schema import check_parquet_input
@@ -83,6 +84,30 @@ def test_run_score_names_an_input_without_parquet_before_it_starts(registry, tmp
     assert str(raised.value) == f"scoring input {missing} {what}"
     assert len(mlflow.search_runs(search_all_experiments=True)) == runs_before  # no MLflow run was started
     assert not list(tmp_path.glob("*predictions*"))
+
+
+@pytest.mark.parametrize("input_path, output, what", [
+    ("data/split=test", "data/split=test", "replace the scoring input"),
+    ("data/split=*", "data", "replace the scoring input"),
+    ("data/split=test", "data/split=test/predictions", "be written inside the scoring input"),
+    ("data/split=test", "run/dataset/predictions", "be written inside the dataset"),
+    ("data/split=test", "run/quarantine", "replace the quarantine"),
+    ("data/split=test", "images", "replace source.path"),
+    ("data/split=test", "run", "replace the run folder"),
+])
+def test_a_scoring_output_over_an_input_or_the_pipelines_own_folders_is_refused(registry, input_path, output, what):
+    cfg, root = registry.cfg, registry.root  # run_dir root/run, source.path root/images
+    data = root / "data" / "split=test"
+    if not data.exists():
+        _write_dataset(data, _raw(4), files=1)
+    before = sorted(p.name for p in data.iterdir())
+    runs_before = len(mlflow.search_runs(search_all_experiments=True))
+    with pytest.raises(ConfigError) as raised:
+        run_score(cfg, input_path=root / input_path, output_path=root / output)
+    assert str(raised.value).startswith(f"scoring output {(root / output).resolve()} would {what} ")
+    assert str(raised.value).endswith("; choose another --output (or score.output)")
+    assert sorted(p.name for p in data.iterdir()) == before
+    assert len(mlflow.search_runs(search_all_experiments=True)) == runs_before  # refused before any run started
 
 
 def test_a_scoring_input_may_be_a_glob_as_spark_reads_it(tmp_path):

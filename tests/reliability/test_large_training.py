@@ -80,7 +80,7 @@ def test_a_training_epoch_over_a_dataset_larger_than_its_memory_streams_it(large
     config.write_text(yaml.safe_dump({
         "name": "large-training",
         "run_dir": str(root / "run"),
-        "source": {"kind": "parquet", "path": str(root), "key": "id", "label": "label",
+        "source": {"kind": "parquet", "path": str(root / "synthetic"), "key": "id", "label": "label",
                    "columns": [{"name": "id", "type": "string"}, {"name": "label", "type": "string"}]},
         "model": {"kind": "mlp", "hidden": [8]},
         "train": {"world_size": 1, "epochs": 1, "batch_size": 8192, "loader": "arrow",
