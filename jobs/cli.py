@@ -15,7 +15,7 @@ from pathlib import Path
 from jobs.config import ConfigError, load_config
 from jobs.run import STAGES
 from jobs.stage import LOG_FORMAT_ENV, LOG_FORMATS, configure_logging, log_format
-from jobs.termination import EXIT_TERMINATED, raise_on_sigterm, settle, stop_requested
+from jobs.termination import raise_on_stop_signals, settle, stop_exit_code, stop_requested
 
 EXIT_CONFIG = 2
 EXIT_DATA = 3
@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         (PromotionError, EXIT_PROMOTION, "promotion failed"),
         (LockHeld, EXIT_LOCKED, "locked"),  # the pipeline's lock, or an output's
     )
-    with raise_on_sigterm():
+    with raise_on_stop_signals():
         try:
             if args.command in NEEDS_TRACKING:
                 require_tracking(load_config(args.config, args.overrides).tracking_uri)
@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
             settle()
             failure = next(((code, label, exc) for kind, code, label in failures if isinstance(exc, kind)), None)
             if stop_requested():  # `Terminated`, or whatever error the stopped Spark session raised first
-                failure = (EXIT_TERMINATED, "terminated", stop_requested())
+                failure = (stop_exit_code(), "terminated", stop_requested())
             if failure is None:
                 raise
             _report_failure(*failure)

@@ -1,4 +1,5 @@
-"""A scheduler's SIGTERM (timeout, cancel) turned into an exception, so that a stopped job cleans up after itself."""
+"""A scheduler's SIGTERM (timeout, cancel) or a user's Ctrl-C (SIGINT) turned into an exception, so that a stopped job
+cleans up after itself and exits 128 + the signal's number."""
 from __future__ import annotations
 
 import signal
@@ -8,39 +9,54 @@ from contextlib import contextmanager
 from typing import Iterator
 
 EXIT_TERMINATED = 128 + signal.SIGTERM  # 143: what a shell reports for a job ended by SIGTERM
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 RECHECK_S = 0.1
 
-_requested: list[str] = []  # why the job is stopping, once SIGTERM has arrived
+_requested: list[signal.Signals] = []  # the signal that is stopping the job, once one has arrived
 _settled: list[bool] = []  # set once the job has stopped: nothing is raised after that
 
 
 class Terminated(BaseException):
-    """SIGTERM arrived. Raised in the main thread so every `with` block unwinds: MLflow runs end, staging and scratch
+    """SIGTERM or SIGINT arrived. Raised in the main thread so every `with` block unwinds: MLflow runs end, staging and scratch
     folders go, locks are released, child processes are stopped. A BaseException, like KeyboardInterrupt: no
     `except Exception` swallows it."""
 
 
 @contextmanager
-def raise_on_sigterm() -> Iterator[None]:
-    """Within the block, SIGTERM raises `Terminated` in the main thread; the previous handlers come back after it.
-    Only the main thread can handle signals: in another one the block changes nothing."""
+def raise_on_stop_signals() -> Iterator[None]:
+    """Within the block, SIGTERM and SIGINT raise `Terminated` in the main thread; the previous handlers come back
+    after it. Only the main thread can handle signals: in another one the block changes nothing."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     _requested.clear()
     _settled.clear()
-    before = signal.signal(signal.SIGTERM, _terminate), signal.getsignal(signal.SIGALRM)
+    before = {number: signal.getsignal(number) for number in (*STOP_SIGNALS, signal.SIGALRM)}
+    for number in STOP_SIGNALS:
+        signal.signal(number, _terminate)
     try:
         yield
     finally:
         settle()
-        signal.signal(signal.SIGTERM, before[0])
-        signal.signal(signal.SIGALRM, before[1])
+        for number, handler in before.items():
+            signal.signal(number, handler)
+
+
+def reclaim_sigint() -> None:
+    """Take SIGINT back inside a `raise_on_stop_signals` block: PySpark's SparkContext installs its own handler (it
+    calls the JVM from inside the signal handler, which fails while the main thread is in a JVM call)."""
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is _terminate:
+        signal.signal(signal.SIGINT, _terminate)
 
 
 def stop_requested() -> str | None:
-    """Why the job is stopping (SIGTERM arrived), or None."""
-    return _requested[0] if _requested else None
+    """Why the job is stopping (`stopped by SIGTERM`), or None."""
+    return f"stopped by {_requested[0].name}" if _requested else None
+
+
+def stop_exit_code() -> int:
+    """The exit code of a job stopped by a signal, as a shell reports it: 143 for SIGTERM, 130 for SIGINT."""
+    return 128 + (_requested[0] if _requested else signal.SIGTERM)
 
 
 def settle() -> None:
@@ -51,7 +67,7 @@ def settle() -> None:
 
 def _terminate(signum: int, frame) -> None:
     if not _requested:
-        _requested.append(f"stopped by {signal.Signals(signum).name}")
+        _requested.append(signal.Signals(signum))
         _stop_spark()
     _raise_outside_the_jvm(frame)
 

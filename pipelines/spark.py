@@ -9,6 +9,7 @@ from typing import ContextManager, Iterator
 from pyspark.sql import SparkSession
 
 from jobs.config import SparkConf
+from jobs.termination import reclaim_sigint
 
 # The JVM does not JIT-compile a method over 8000 bytes of bytecode unless told to (below); a much bigger one it
 # cannot compile at all, and a big compiled one it optimizes poorly.
@@ -38,6 +39,7 @@ def spark_session(conf: SparkConf, app_name: str) -> SparkSession:
     for key, value in conf.conf.items():
         builder = builder.config(key, value)
     spark = builder.getOrCreate()
+    reclaim_sigint()  # Ctrl-C stops the job as SIGTERM does, not through PySpark's own handler
     spark.sparkContext.setLogLevel("ERROR")
     return spark
 

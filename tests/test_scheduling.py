@@ -93,11 +93,11 @@ def test_stage_killed_mid_write_is_not_marked_complete_and_is_redone(pipeline, s
     assert not list(cfg.run_dir.glob(".dataset.tmp-*"))  # the killed writer's staging folder is gone
 
 
-def _terminated(process: subprocess.Popen) -> tuple[int, str, list[psutil.Process]]:
-    """SIGTERM `process` as a scheduler would (the process alone, not its group): (exit code, stderr, the processes
+def _terminated(process: subprocess.Popen, number: int = signal.SIGTERM) -> tuple[int, str, list[psutil.Process]]:
+    """Signal `process` as a scheduler would (the process alone, not its group): (exit code, stderr, the processes
     it had started that are still there a few seconds after it exited)."""
     children = psutil.Process(process.pid).children(recursive=True)  # the JVM, or torchrun and its ranks
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(number)
     code, err = finished(process)
     _, alive = psutil.wait_procs(children, timeout=15)
     return code, err, alive
@@ -111,7 +111,8 @@ def _last_run(cfg, stage: str) -> mlflow.entities.Run:
     return run
 
 
-def test_sigterm_during_the_etl_write_ends_its_run_and_leaves_nothing_behind(pipeline, spark):
+@pytest.mark.parametrize("number", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])  # scheduler, Ctrl-C
+def test_a_stop_signal_during_the_etl_write_ends_its_run_and_leaves_nothing_behind(pipeline, spark, number):
     root, overrides = pipeline
     cfg = load_config(DIGITS, overrides)
     run_stages(DIGITS, overrides, only="etl", force=True)
@@ -120,9 +121,9 @@ def test_sigterm_during_the_etl_write_ends_its_run_and_leaves_nothing_behind(pip
     while not list(cfg.run_dir.glob(".dataset.tmp-*")):  # Spark is writing the new dataset
         assert process.poll() is None and time.monotonic() < deadline, "ETL ended before it started writing"
         time.sleep(0.02)
-    code, err, alive = _terminated(process)
-    assert code == EXIT_TERMINATED, err
-    assert err.strip().splitlines()[-1] == "dlpipe: terminated: stopped by SIGTERM"
+    code, err, alive = _terminated(process, number)
+    assert code == 128 + number, err  # 143, 130
+    assert err.strip().splitlines()[-1] == f"dlpipe: terminated: stopped by {signal.Signals(number).name}"
     assert alive == []  # its Spark JVM went with it
     assert read_marker(cfg, "etl") is None
     assert not list(cfg.run_dir.glob(".dataset.tmp-*")) and not list(cfg.run_dir.glob(".checked.tmp-*"))
