@@ -24,11 +24,30 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+_SPARK_MASTER = re.compile(r"local(\[(\*|[1-9]\d*)(,[1-9]\d*)?\])?|yarn|(spark|k8s|mesos)://\S+|local-cluster\[[^]]+\]")
+_JVM_SIZE = re.compile(r"[1-9]\d*[kKmMgGtT]?")
+
+
 class SparkConf(_Strict):
     master: str = "local[*]"
     driver_memory: str = "2g"
     shuffle_partitions: PositiveInt = 8
     conf: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("master")
+    @classmethod
+    def _a_spark_master(cls, master: str) -> str:
+        if not _SPARK_MASTER.fullmatch(master):
+            raise ValueError(f"{master!r} is not a Spark master URL: local, local[N], local[*], spark://HOST:PORT, yarn, "
+                             f"k8s://HOST:PORT")
+        return master
+
+    @field_validator("driver_memory")
+    @classmethod
+    def _a_jvm_size(cls, size: str) -> str:
+        if not _JVM_SIZE.fullmatch(size):
+            raise ValueError(f"{size!r} is not a JVM memory size such as 2g or 1536m")
+        return size
 
 
 class ImageLabels(_Strict):

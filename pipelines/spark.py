@@ -6,9 +6,10 @@ import sys
 from contextlib import contextmanager
 from typing import ContextManager, Iterator
 
+from pyspark.errors import PySparkRuntimeError
 from pyspark.sql import SparkSession
 
-from jobs.config import SparkConf
+from jobs.config import ConfigError, SparkConf
 from jobs.termination import reclaim_sigint
 
 # The JVM does not JIT-compile a method over 8000 bytes of bytecode unless told to (below); a much bigger one it
@@ -38,7 +39,14 @@ def spark_session(conf: SparkConf, app_name: str) -> SparkSession:
     )
     for key, value in conf.conf.items():
         builder = builder.config(key, value)
-    spark = builder.getOrCreate()
+    try:
+        spark = builder.getOrCreate()
+    except PySparkRuntimeError as exc:
+        if exc.getErrorClass() != "JAVA_GATEWAY_EXITED":
+            raise
+        raise ConfigError(f"Spark did not start (spark.master {conf.master}, spark.driver_memory {conf.driver_memory}"
+                          f"{', spark.conf ' + str(conf.conf) if conf.conf else ''}): the JVM's own error is above; "
+                          f"is Java 17 on the PATH or JAVA_HOME?") from None
     reclaim_sigint()  # Ctrl-C stops the job as SIGTERM does, not through PySpark's own handler
     spark.sparkContext.setLogLevel("ERROR")
     return spark

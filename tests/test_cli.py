@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -56,6 +57,19 @@ def test_missing_input_folder_exits_with_data_code(tmp_path):
     assert done.stderr.strip().splitlines()[-1] == (
         f"dlpipe: data error: image folder {missing} does not exist (source.path: {missing})"
     )
+
+
+def test_a_spark_that_cannot_start_exits_with_the_config_code_and_one_line(tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    done = subprocess.run(
+        [sys.executable, "-m", "jobs.cli", "etl", str(DIGITS), f"source.path={raw}", f"run_dir={tmp_path / 'run'}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600, env={**os.environ, "JAVA_HOME": str(tmp_path)},
+    )
+    assert done.returncode == EXIT_CONFIG, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
+        "dlpipe: config error: Spark did not start (spark.master local[*], spark.driver_memory 2g): the JVM's own "
+        "error is above; is Java 17 on the PATH or JAVA_HOME?")
 
 
 def test_json_log_format_writes_one_object_per_line_ending_with_the_failure(tmp_path):

@@ -1,5 +1,6 @@
 """Config loading: typed values, overrides, and errors that name the file and the key."""
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -85,6 +86,19 @@ def test_a_source_holding_the_run_folder_or_inside_an_etl_output_is_refused(tmp_
     with pytest.raises(ConfigError, match=rf"'source\.path': {inside} lies inside the quarantine {inside.parent}, "):
         load_config(DIGITS, [f"source.path={inside}", f"run_dir={tmp_path / 'run'}"])
     assert load_config(DIGITS, [f"source.path={tmp_path / 'run' / 'raw'}", f"run_dir={tmp_path / 'run'}"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("spark.master=local[0]", "'spark.master': 'local[0]' is not a Spark master URL"),
+    ("spark.master=yarnn", "'spark.master': 'yarnn' is not a Spark master URL"),
+    ("spark.driver_memory=lots", "'spark.driver_memory': 'lots' is not a JVM memory size such as 2g or 1536m"),
+    ("spark.driver_memory=1gb", "'spark.driver_memory': '1gb' is not a JVM memory size"),  # the JVM's -Xmx refuses it
+])
+def test_a_spark_master_or_driver_memory_the_jvm_would_refuse_is_a_config_error(override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(DIGITS, [override])
+    for good in ("spark.master=local[2]", "spark.master=spark://127.0.0.1:7077", "spark.driver_memory=1536m"):
+        load_config(DIGITS, [good])
 
 
 def test_missing_file_and_bad_yaml_are_clear(tmp_path):
