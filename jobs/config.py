@@ -38,8 +38,8 @@ class SparkConf(_Strict):
     @classmethod
     def _a_spark_master(cls, master: str) -> str:
         if not _SPARK_MASTER.fullmatch(master):
-            raise ValueError(f"{master!r} is not a Spark master URL: local, local[N], local[*], spark://HOST:PORT, yarn, "
-                             f"k8s://HOST:PORT")
+            raise ValueError(f"{master!r} is not a Spark master URL: local, local[N], local[*], spark://HOST:PORT, "
+                             f"yarn, k8s://HOST:PORT")
         return master
 
     @field_validator("driver_memory")
@@ -81,6 +81,15 @@ class ColumnSpec(_Strict):
     allowed: list[str | int | float] | None = None  # the only values a clean row may hold
     min: float | None = None
     max: float | None = None
+    # date / timestamp only: the text's pattern in Spark's datetime pattern letters (e.g. "M/d/yyyy", "dd.MM.yyyy
+    # HH:mm"); without it, ISO 8601 ("2021-01-31", "2021-01-31 13:45:00")
+    format: str | None = Field(None, min_length=1)
+
+    @model_validator(mode="after")
+    def _format_for_times_only(self) -> "ColumnSpec":
+        if self.format is not None and self.type not in ("date", "timestamp"):
+            raise ValueError(f"column '{self.name}': a format is for date and timestamp columns, not {self.type}")
+        return self
 
 
 _OUTPUT_COLUMNS = ("id", "label", "features", "raw_features", "split", "source_file", "record", "reason")

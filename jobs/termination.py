@@ -17,8 +17,8 @@ _settled: list[bool] = []  # set once the job has stopped: nothing is raised aft
 
 
 class Terminated(BaseException):
-    """SIGTERM or SIGINT arrived. Raised in the main thread so every `with` block unwinds: MLflow runs end, staging and scratch
-    folders go, locks are released, child processes are stopped. A BaseException, like KeyboardInterrupt: no
+    """SIGTERM or SIGINT arrived. Raised in the main thread so every `with` block unwinds: MLflow runs end, staging and
+    scratch folders go, locks are released, child processes are stopped. A BaseException, like KeyboardInterrupt: no
     `except Exception` swallows it."""
 
 

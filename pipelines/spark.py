@@ -31,6 +31,9 @@ def spark_session(conf: SparkConf, app_name: str) -> SparkSession:
         .config("spark.sql.execution.arrow.pyspark.enabled", "true")
         .config("spark.ui.showConsoleProgress", "false")
         .config("spark.sql.session.timeZone", "UTC")
+        # a date or time that does not match its column's format is null (quarantined), never a SparkUpgradeException
+        # because Java's old parser would have read it
+        .config("spark.sql.legacy.timeParserPolicy", "CORRECTED")
         # Kept DataFrames (pipelines/caching.py) live on local disk: encoding them column by column cost more to
         # build (a dictionary of every value of every column, batch after batch) than it saved to read back.
         .config("spark.sql.inMemoryColumnarStorage.compressed", "false")

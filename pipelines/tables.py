@@ -54,7 +54,8 @@ def malformed_reason(kind: str, columns: int) -> str:
     return f"malformed record: not {what} {columns} columns"
 
 
-UNCLOSED_QUOTE_HINT = " (a quoted value is not closed on its line: `source.multiline: true` reads values spanning lines)"
+UNCLOSED_QUOTE_HINT = (" (a quoted value is not closed on its line: `source.multiline: true` reads values spanning "
+                       "lines)")
 
 
 FileSource = TableSource | TimeSeriesSource | TextSource
@@ -125,7 +126,8 @@ def _value_problem(spec: ColumnSpec, raw: Column, typed: Column, required: bool)
     wrong_type = typed.isNull()
     if spec.type in ("int", "long"):
         wrong_type |= ~raw.cast("string").rlike(_INTEGER_TEXT)
-    problem = problem.when(wrong_type, F.lit(f"{where}: not a valid {spec.type}"))
+    pattern = f" (format {spec.format})" if spec.format else ""
+    problem = problem.when(wrong_type, F.lit(f"{where}: not a valid {spec.type}{pattern}"))
     if spec.type in ("float", "double"):
         problem = problem.when(F.isnan(typed) | (F.abs(typed) == float("inf")), F.lit(f"{where}: NaN or infinite"))
     if spec.min is not None:
@@ -162,7 +164,7 @@ def _row_reason(source: FileSource) -> Column:
     if source.file_format != "csv":
         return F.when(flagged, malformed).otherwise(as_read)
     reread = F.col(_REREAD)
-    as_text = _joined([_value_problem(c, reread[c.name], reread[c.name].cast(c.type), c.name in required)
+    as_text = _joined([_value_problem(c, reread[c.name], _cast(c, reread[c.name]), c.name in required)
                        for c in source.columns])
     if not source.multiline:  # an odd number of quotes: a value that goes on in the next line(s)
         unclosed = F.length(F.regexp_replace(F.col(CORRUPT_RECORD), '[^"]', "")) % 2 == 1
@@ -194,7 +196,14 @@ def _typed(spec: ColumnSpec, parsed: set[str]) -> Column:
     On a CSV line the reader flagged, a value it could not parse is null here; such a line is always quarantined
     (`_row_reason`), so its typed values go nowhere.
     """
-    return F.col(spec.name) if spec.name in parsed else F.col(spec.name).cast(spec.type)
+    return F.col(spec.name) if spec.name in parsed else _cast(spec, F.col(spec.name))
+
+
+def _cast(spec: ColumnSpec, value: Column) -> Column:
+    """`value` (text) in the declared type, null where it is not one; a date or time read with the column's format."""
+    if spec.format is not None:
+        return (F.to_date if spec.type == "date" else F.to_timestamp)(value, spec.format)
+    return value.cast(spec.type)
 
 
 def _raw(name: str) -> str:

@@ -6,6 +6,7 @@ import gzip
 import io
 import json
 import re
+from datetime import date, datetime
 from pathlib import Path
 
 import numpy as np
@@ -237,7 +238,8 @@ def test_values_spanning_lines_are_read_whole_when_declared_multiline_and_quaran
 
     whole = _ingested(spark, path, multiline=True)
     assert whole == {"0": ("square", None), "1": ('tall\nsquare, "quoted"', None), "2": ("circle", None),
-                     "3": ("circle", None), '9,5,1,red,"two\nlines",a,extra': ("two\nlines", malformed_reason("csv", 6))}
+                     "3": ("circle", None),
+                     '9,5,1,red,"two\nlines",a,extra': ("two\nlines", malformed_reason("csv", 6))}
     by_line = _ingested(spark, path)  # every line a record: the unclosed quotes get the hint
     hinted = malformed_reason("csv", 6) + UNCLOSED_QUOTE_HINT
     assert {record: reason for record, (_, reason) in by_line.items() if reason} == {
@@ -245,6 +247,38 @@ def test_values_spanning_lines_are_read_whole_when_declared_multiline_and_quaran
         'lines",a,extra': hinted,
     }
     assert len(by_line) == 7
+
+
+@pytest.mark.parametrize("kind", ["csv", "json"])
+def test_dates_and_times_are_read_with_their_declared_format_and_others_quarantined(spark, tmp_path, kind):
+    columns = [{"name": "id", "type": "int", "nullable": False},
+               {"name": "day", "type": "date", "nullable": False, "format": "M/d/yyyy"},
+               {"name": "at", "type": "timestamp", "format": "dd.MM.yyyy HH:mm"}]
+    rows = [("1", "1/2/2021", "31.01.2021 13:45"), ("2", "12/31/2020", ""),
+            ("3", "2021-01-02", "31.01.2021 13:45"), ("4", "13/45/2021", "31.01.2021 13:45"),
+            ("5", "1/2/21", "31.01.2021 13:45"), ("6", "1/2/2021", "2021-01-31T13:45:00")]
+    path = tmp_path / f"rows.{kind}"
+    if kind == "csv":
+        path.write_text("id,day,at\n" + "".join(f"{','.join(row)}\n" for row in rows))
+    else:
+        path.write_text("".join(json.dumps(dict(zip(("id", "day", "at"), (v or None for v in row)))) + "\n"
+                                for row in rows))
+    cfg = validate_config({"name": "dates", "run_dir": str(tmp_path / "run"), "model": {"kind": "mlp"},
+                           "source": {"kind": kind, "path": str(path), "key": "id", "columns": columns}}, "test")
+    got = {row["id"]: (row["day"], row["at"], row["reason"])
+           for row in ingest_table(spark, cfg.source, source_files(path)).collect()}
+    at, bad_day = datetime(2021, 1, 31, 13, 45), "column 'day': not a valid date (format M/d/yyyy)"
+    assert got == {
+        "1": (date(2021, 1, 2), at, None),
+        "2": (date(2020, 12, 31), None, None),
+        "3": (None, at, bad_day),  # ISO, not the declared format
+        "4": (None, at, bad_day),
+        "5": (None, at, bad_day),  # Java's old parser would read it (and Spark would then fail the job)
+        "6": (date(2021, 1, 2), None, "column 'at': not a valid timestamp (format dd.MM.yyyy HH:mm)"),
+    }
+    with pytest.raises(ValueError, match="column 'id': a format is for date and timestamp columns, not int"):
+        validate_config({**cfg.model_dump(mode="json"), "source": {
+            **cfg.source.model_dump(mode="json"), "columns": [{**columns[0], "format": "x"}, *columns[1:]]}}, "test")
 
 
 def test_parquet_source_is_checked_against_the_declared_types(spark, tmp_path):
