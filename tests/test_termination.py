@@ -40,18 +40,19 @@ def test_sigint_is_taken_back_from_a_handler_installed_inside_the_block_and_only
     def pyspark_like(signum, frame):  # what SparkContext installs when it starts
         raise KeyboardInterrupt
 
+    before = signal.getsignal(signal.SIGINT)
     with pytest.raises(Terminated, match="stopped by SIGINT"):
         with raise_on_stop_signals():
             signal.signal(signal.SIGINT, pyspark_like)
             reclaim_sigint()
             _sigterm_then_wait(5, signal.SIGINT)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is before
     signal.signal(signal.SIGINT, pyspark_like)
     try:
         reclaim_sigint()  # outside the block: left alone
         assert signal.getsignal(signal.SIGINT) is pyspark_like
     finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGINT, before)
 
 
 def test_a_clean_up_under_way_is_finished_before_terminated_is_raised():
