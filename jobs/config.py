@@ -5,6 +5,7 @@ returns is what every stage runs with and what MLflow records.
 """
 from __future__ import annotations
 
+import codecs
 import os
 import re
 from pathlib import Path
@@ -109,7 +110,17 @@ class _FileTableSource(_Strict):
     # CSV only: what escapes a quote inside a quoted value: '"' doubles it (RFC 4180: pandas, Python's csv, Excel);
     # '\\' is what Spark's CSV writer uses by default
     escape: Literal['"', "\\"] = '"'
+    encoding: str = Field("UTF-8", min_length=1)  # CSV only (JSON Lines and Parquet text is UTF-8): e.g. ISO-8859-1
     max_bad_fraction: float = Field(0.05, ge=0.0, le=1.0)
+
+    @field_validator("encoding")
+    @classmethod
+    def _a_known_encoding(cls, encoding: str) -> str:
+        try:
+            codecs.lookup(encoding)
+        except LookupError:
+            raise ValueError(f"unknown encoding {encoding!r} (e.g. UTF-8, ISO-8859-1, windows-1252)") from None
+        return encoding
 
     def column(self, name: str | None) -> ColumnSpec | None:
         return next((c for c in self.columns if c.name == name), None)

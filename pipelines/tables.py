@@ -34,6 +34,9 @@ _BLANK_LINE = r"^[\x00-\x20]*$"  # what Java's String.trim() removes: CSV skips 
 # parsing would also accept non-ASCII digits.
 _PARSED_BY_CSV_READER = {"float": FloatType(), "double": DoubleType(), "string": StringType()}
 _REREAD = "_reread"  # a CSV line the reader flagged, split again with every column as text
+# what a reader puts in place of bytes its encoding cannot decode: text holding it was not read as written
+REPLACEMENT_CHARACTER = "\ufffd"
+UNDECODABLE = "bytes the encoding cannot decode (see source.encoding)"
 
 
 def source_files(path: Path) -> list[Path]:
@@ -92,7 +95,7 @@ def _read(spark: SparkSession, source: FileSource, files: list[Path]) -> DataFra
                          for c in source.columns]).add(CORRUPT_RECORD, StringType())
     reader = spark.read.schema(schema).options(mode="PERMISSIVE", columnNameOfCorruptRecord=CORRUPT_RECORD)
     rows = reader.csv(paths, header=source.header, sep=source.delimiter, escape=source.escape,
-                      multiLine=source.multiline, enforceSchema=False)
+                      encoding=source.encoding, multiLine=source.multiline, enforceSchema=False)
     # The reader flags a line it cannot split into the declared columns, or whose value it cannot parse; such a
     # line (rare) is split again as text, to tell the two apart and check its values one by one.
     options = {"mode": "PERMISSIVE", "columnNameOfCorruptRecord": CORRUPT_RECORD, "sep": source.delimiter,
@@ -134,6 +137,8 @@ def _value_problem(spec: ColumnSpec, raw: Column, typed: Column, required: bool)
         problem = problem.when(typed < F.lit(spec.min), F.lit(f"{where}: below the minimum {spec.min:g}"))
     if spec.max is not None:
         problem = problem.when(typed > F.lit(spec.max), F.lit(f"{where}: above the maximum {spec.max:g}"))
+    if spec.type == "string" and spec.allowed is None:  # (an allowed value holds no such character)
+        problem = problem.when(typed.contains(REPLACEMENT_CHARACTER), F.lit(f"{where}: {UNDECODABLE}"))
     if spec.allowed is not None:
         allowed = ", ".join(str(v) for v in spec.allowed)
         problem = problem.when(~typed.isin(*spec.allowed), F.lit(f"{where}: not one of the allowed values [{allowed}]"))

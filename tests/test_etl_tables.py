@@ -21,7 +21,8 @@ from pipelines.errors import DataError
 from pipelines.file_refusals import file_refusals_named, refusal
 from pipelines.scaling import FittedScaler
 from pipelines.spark import HUGE_METHOD_LIMIT, small_generated_methods
-from pipelines.tables import DUPLICATE_KEY, UNCLOSED_QUOTE_HINT, ingest_table, malformed_reason, source_files
+from pipelines.tables import (DUPLICATE_KEY, UNCLOSED_QUOTE_HINT, UNDECODABLE, ingest_table, malformed_reason,
+                              source_files)
 
 COLUMNS = [
     {"name": "id", "type": "int", "nullable": False},
@@ -227,6 +228,19 @@ def test_quotes_inside_quoted_values_are_read_as_rfc_4180_or_as_spark_writes_the
     assert _ingested(spark, path)["1"] == ('a "tall", square', None)  # the doubled quotes of pandas and Python
     path.write_text(_csv_text(rows).replace('"a ""tall"", square"', r'"a \"tall\", square"'))
     assert _ingested(spark, path, escape="\\")["1"] == ('a "tall", square', None)  # Spark's writer's escapes
+
+
+def test_text_is_decoded_with_the_declared_encoding_and_undecodable_bytes_are_quarantined(spark, tmp_path):
+    rows = [clean_row(i) for i in range(3)]
+    rows[1]["shape"] = "carré"
+    path = tmp_path / "rows.csv"
+    path.write_bytes(_csv_text(rows).encode("latin-1"))
+    assert _ingested(spark, path, encoding="ISO-8859-1")["1"] == ("carré", None)
+    as_utf8 = list(_ingested(spark, path).values())  # the byte 0xE9 alone is not UTF-8: read as U+FFFD
+    assert sorted(as_utf8, key=str) == [("carr\ufffd", f"column 'shape': {UNDECODABLE}"), ("circle", None),
+                                        ("square", None)]
+    with pytest.raises(ValueError, match="unknown encoding 'latin-9000'"):
+        table_config(path, tmp_path / "run", source={"encoding": "latin-9000"})
 
 
 def test_values_spanning_lines_are_read_whole_when_declared_multiline_and_quarantined_with_a_hint_if_not(

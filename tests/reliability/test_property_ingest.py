@@ -35,9 +35,9 @@ KINDS = {
 # the decision each kind must get; a kind not listed here is CLEAN
 EXPECT = {
     "csv": {"wrong_type": BAD, "missing": BAD, "extra": BAD, "too_few": BAD, "nan_inf": BAD, "unclosed": EITHER,
-            "utf8": EITHER, "odd_text": EITHER},
+            "utf8": BAD, "odd_text": EITHER},
     "json": {"wrong_type": BAD, "missing": BAD, "truncated": BAD, "unclosed": BAD, "nan_inf": BAD, "not_object": BAD,
-             "utf8": EITHER, "odd_text": EITHER},
+             "utf8": BAD, "odd_text": EITHER},
 }
 BLANK_LINES = [b"", b"   ", b"\t", b" \x01 "]
 INVALID_UTF8 = [b"\xff", b"\xfe\xff", b"\xc3(", b"\xe2\x28\xa1", b"\xf0\x90\x28", b"\x80abc"]
