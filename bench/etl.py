@@ -81,14 +81,17 @@ memory, and Spark's seconds growing linearly from 1M to 10M rows. The spec's anc
 this job: 10M rows pandas 135 s / 10.3 GB, polars 52 s / 4.8 GB, a straightforward Spark job 113 s / 1.3 GB
 JVM; 1M rows pandas 12.3 s, polars 4.4 s, Spark 31 s.
 
-**Where it stands (record above, 2026-11-23 22:56-23:07 UTC, load average 2.4 on average, 3.4 at most, AMD
-EPYC host): the speed goal is not met, and the last two records show it further off than the earlier ones
-said. dlpipe's ETL runs at 0.30x polars' rows/s at 10M rows (119.0 s against 36.0 s; 0.6x would be 60 s).**
-The record before it, an hour earlier and without the last change below, had the same ratio (113.6 s against
-34.2 s). The 1 GB-driver run took 117.5 s. Memory: with `spark.driver_memory: 1g` the 10M-row job peaks at
-1.7 GB (summed PSS, Python + JVM), 0.17 of pandas' 10.3 GB (goal: under a quarter, met); with the default 2g at
-2.8 GB (0.27, not met). Growth from 1M to 10M rows is sub-linear (35.2 s -> 119.0 s: the JVM start, the MLflow
-store and ~25 Spark jobs' planning and code generation are fixed costs).
+**Where it stands (record above, 2026-11-24 09:12-09:23 UTC, load average 2.2 on average, 2.9 at most, AMD
+EPYC host): the speed goal is not met. dlpipe's ETL runs at 0.30x polars' rows/s at 10M rows (112.4 s against
+33.6 s; 0.6x would be 56 s).** The record before it (2026-11-23 22:56 UTC) had the same ratio (119.0 s against
+36.0 s); between the two the CSV reader got its RFC 4180 quote escape, an explicit encoding and a check for
+undecodable bytes in free text columns (this data has none: its two string columns have allowed sets), and Spark
+its time-parser policy: no cost that this machine's noise would show. The 1 GB-driver run took 108.2 s. Memory:
+with `spark.driver_memory: 1g` the 10M-row job peaks at 1.7 GB (summed PSS, Python + JVM), 0.17 of pandas' 10.0 GB
+(goal: under a quarter, met, as in every record); with the default 2g at 2.0 GB (0.21) in this record and 2.8 GB
+(0.27) in the one before: a 2 GB heap grows as far as its collector lets it, so that peak varies from run to run,
+while the 1 GB driver's stays at 1.7 GB. Growth from 1M to 10M rows is sub-linear (35.2 s -> 112.4 s: the JVM
+start, the MLflow store and ~25 Spark jobs' planning and code generation are fixed costs).
 
 **The memory sampler was slowing what it measured.** Reading PSS makes the kernel walk every page of the
 process (~12 ms of CPU per GB); read every 50 ms it took a third of a core from a 2-3 GB JVM's run and two thirds
@@ -99,9 +102,9 @@ are not: 10M rows, the 20:15 record -> the 22:07 one (the first with the new sam
 polars 60.8 -> 34.2 s, dlpipe 151.3 -> 113.6 s, Spark parse 28.3 -> 21.7 s. The earlier records' ratios
 (0.40x, 0.32x) were flattered by a sampler that slowed pandas and polars the most.
 
-**Why 0.6x is out of reach for a Spark job on this machine.** 0.6x polars is 57-60 s. Spark's own floors in
+**Why 0.6x is out of reach for a Spark job on this machine.** 0.6x polars is 56-60 s. Spark's own floors in
 the same records: parsing the CSV alone 21.7-21.9 s; parsing and writing every row as Parquet with Spark's
-defaults 46.3-47.5 s (0.74-0.76x polars, with no checks, split, statistics or features at all), 31.4-34.4 s
+defaults 45.3-47.5 s (0.74-0.76x polars, with no checks, split, statistics or features at all), 31.4-34.4 s
 with dictionary encoding off. Measured on the 10M-row CSV, each part the job cannot drop, at its cheapest
 (one script, fresh JVM): parse 18.2 s; the checks add 8.6 s; a second look at the rows (the scratch Parquet:
 15 s to write; reading the CSV again: ~27 s); the key count 6.5 s at best (grouping on the typed long key
