@@ -21,6 +21,9 @@ _HEADER = "the header does not match the declared columns (source.columns, in or
 _NAMED = (  # (what Spark says, naming the file; what dlpipe says)
     (re.compile(r"Expected: (?P<expected>.*) but found: (?P<found>.*)\nCSV file: (?P<file>\S+)"),
      "CSV file {file}: " + _HEADER + ": expected the column '{expected}' where it has '{found}'"),
+    (re.compile(r"Header length: 1, schema size: (?P<expected>\d+)\s*\nCSV file: (?P<file>\S+)"),
+     "CSV file {file}: " + _HEADER + ": it has 1 column, the declared schema {expected}: is its delimiter "
+     "source.delimiter?"),
     (re.compile(r"Header length: (?P<found>\d+), schema size: (?P<expected>\d+)\s*\nCSV file: (?P<file>\S+)"),
      "CSV file {file}: " + _HEADER + ": it has {found} columns, the declared schema {expected}"),
     (re.compile(r"Parquet column cannot be converted in file (?P<file>\S+)\. "

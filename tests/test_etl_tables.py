@@ -376,7 +376,8 @@ def test_duplicates_fail_the_job_when_declared(spark, tmp_path):
 @pytest.mark.parametrize("header, problem", [
     ("id,y,x,color,shape,label", "expected the column 'x' where it has 'y'"),
     ("id,x,y,color,label", "it has 5 columns, the declared schema 6"),
-], ids=["reordered", "one-missing"])
+    ("id;x;y;color;shape;label", "it has 1 column, the declared schema 6: is its delimiter source.delimiter?"),
+], ids=["reordered", "one-missing", "another-delimiter"])
 def test_a_csv_header_unlike_the_declared_columns_fails_naming_the_file(spark, tmp_path, header, problem):
     good, bad = tmp_path / "in" / "part-0.csv", tmp_path / "in" / "part-1.csv"
     good.parent.mkdir()
