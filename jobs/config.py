@@ -96,6 +96,9 @@ class ColumnSpec(_Strict):
 _OUTPUT_COLUMNS = ("id", "label", "features", "raw_features", "split", "source_file", "record", "reason")
 
 
+_CSV_ONLY = ("header", "delimiter", "multiline", "escape", "encoding")  # source options that only CSV reading has
+
+
 class _FileTableSource(_Strict):
     """Rows read from CSV / JSON Lines / Parquet files under `path`, checked against the declared `columns`."""
 
@@ -121,6 +124,15 @@ class _FileTableSource(_Strict):
         except LookupError:
             raise ValueError(f"unknown encoding {encoding!r} (e.g. UTF-8, ISO-8859-1, windows-1252)") from None
         return encoding
+
+    @model_validator(mode="after")
+    def _csv_options_for_csv_only(self) -> "_FileTableSource":
+        if self.file_format != "csv":
+            changed = [name for name in _CSV_ONLY if getattr(self, name) != type(self).model_fields[name].default]
+            if changed:
+                utf8 = " (JSON Lines and Parquet text is UTF-8)" if changed[0] == "encoding" else ""
+                raise ValueError(f"source.{changed[0]} is a CSV option; this source reads {self.file_format}{utf8}")
+        return self
 
     def column(self, name: str | None) -> ColumnSpec | None:
         return next((c for c in self.columns if c.name == name), None)

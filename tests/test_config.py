@@ -88,6 +88,15 @@ def test_a_source_holding_the_run_folder_or_inside_an_etl_output_is_refused(tmp_
     assert load_config(DIGITS, [f"source.path={tmp_path / 'run' / 'raw'}", f"run_dir={tmp_path / 'run'}"])
 
 
+def test_a_csv_option_on_a_source_that_is_not_csv_is_a_config_error():
+    text = DIGITS.with_name("text_classification.yaml")  # a CSV text source that states multiline: false
+    assert load_config(text, ["source.format=json"]).source.file_format == "json"  # defaults are no choice
+    with pytest.raises(ConfigError, match=r"source\.encoding is a CSV option; this source reads json \(JSON Lines"):
+        load_config(text, ["source.format=json", "source.encoding=latin-1"])
+    with pytest.raises(ConfigError, match=r"source\.multiline is a CSV option; this source reads json$"):
+        load_config(text, ["source.format=json", "source.multiline=true"])
+
+
 @pytest.mark.parametrize("override, message", [
     ("spark.master=local[0]", "'spark.master': 'local[0]' is not a Spark master URL"),
     ("spark.master=yarnn", "'spark.master': 'yarnn' is not a Spark master URL"),
