@@ -140,7 +140,7 @@ class SmokeTest:
 
     def run(self, model_uri: str) -> int:
         """Rows scored; raises SmokeTestFailed if scoring fails or the predictions are not one valid row per id."""
-        from pipelines.scoring import model_outputs, score_parquet  # the real scorer, as `dlpipe score` runs it
+        from pipelines.scoring import model_contract, score_parquet  # the real scorer, as `dlpipe score` runs it
 
         if not Path(self.test_split).exists():
             raise DataError(f"{self.test_split}: no test split to smoke-test the candidate on (run the ETL first)")
@@ -158,7 +158,7 @@ class SmokeTest:
             except Exception as exc:  # whatever breaks the scorer breaks the candidate: report it, do not promote
                 reason = _one_line(exc).replace(str(sample), f"{self.rows} rows of {self.test_split}")
                 raise SmokeTestFailed(reason) from exc
-            outputs = model_outputs(model_uri)
+            outputs = model_contract(model_uri).outputs
             scored = spark.read.parquet(str(predictions)).select("id", *outputs).collect()
         _check_predictions(ids, scored, outputs)
         return len(ids)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import re
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -102,25 +103,25 @@ def _model_inputs(kind: str, column: pa.Array, ids: pa.Array, name: str, width: 
     return feature_matrix(column, ids, width, name)
 
 
-def _metadata(model_uri: str, key: str):
+@dataclass(frozen=True)
+class ModelContract:
+    """What a registered dlpipe model takes and gives, as its MLmodel metadata declares it."""
+
+    input_kind: str  # `features` (a numeric array) or `text`
+    input_column: str  # where the input is by default: `raw_features` or `text`
+    outputs: dict[str, str]  # output column -> type
+
+
+def model_contract(model_uri: str) -> ModelContract:
+    """The `ModelContract` of a registered dlpipe model (one read of its MLmodel file)."""
     with tempfile.TemporaryDirectory(prefix="dlpipe-mlmodel-") as tmp:  # mlflow's own download would stay in /tmp
         mlmodel = mlflow.artifacts.download_artifacts(artifact_uri=f"{model_uri}/MLmodel", dst_path=tmp)
         metadata = Model.load(mlmodel).metadata or {}
-    if key not in metadata:
-        raise ValueError(f"{model_uri} declares no '{key}' in its metadata: it was not logged by "
+    missing = [key for key in ("input", "outputs") if key not in metadata]
+    if missing:
+        raise ValueError(f"{model_uri} declares no '{missing[0]}' in its metadata: it was not logged by "
                          f"dl.serving.log_and_register")
-    return metadata[key]
-
-
-def model_outputs(model_uri: str) -> dict[str, str]:
-    """The output columns (name -> type) a registered dlpipe model declares in its metadata."""
-    return dict(_metadata(model_uri, "outputs"))
-
-
-def model_input(model_uri: str) -> tuple[str, str]:
-    """(kind, column) of what a registered dlpipe model takes: `features` from `raw_features`, or `text` from `text`."""
-    declared = _metadata(model_uri, "input")
-    return declared["kind"], declared["column"]
+    return ModelContract(metadata["input"]["kind"], metadata["input"]["column"], dict(metadata["outputs"]))
 
 
 def _score_batches(
@@ -180,13 +181,12 @@ def score_parquet(
     """
     version = resolve_model_version(model_uri)
     pinned = f"models:/{version.name}/{version.version}"
-    input_kind, model_col = model_input(pinned)
-    input_col = input_col or model_col
+    contract = model_contract(pinned)
+    input_kind, input_col, outputs = contract.input_kind, input_col or contract.input_column, contract.outputs
     source: DataFrame = spark.read.parquet(str(input_path))
     check_columns(source.schema, {"id": KEY_TYPES, input_col: _INPUT_TYPES[input_kind]}, input_path,
                   optional={"label": LABEL_TYPES, "target": TARGET_TYPES})
     keep = ("id", *(c for c in ("label", "target") if c in source.columns))  # truth columns, for evaluation
-    outputs = model_outputs(pinned)
     schema = StructType(
         [source.schema[c] for c in keep]
         + [StructField(output, _SPARK_TYPES[kind]) for output, kind in outputs.items()]

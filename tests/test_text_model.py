@@ -19,7 +19,7 @@ from dl.serving import ServingModel
 from jobs.config import validate_config
 from jobs.etl import run_etl
 from jobs.sample import TEXT_TOPICS, write_text_corpus
-from pipelines.scoring import model_input, model_outputs, score_parquet
+from pipelines.scoring import ModelContract, model_contract, score_parquet
 from pipelines.split import SPLITS
 from pipelines.text import OOV_ID, empty_text_reason
 from registry_helpers import tracking
@@ -118,8 +118,8 @@ def test_text_pipeline_trains_a_recurrent_classifier_near_the_best_possible_accu
 
 def test_the_registered_model_takes_raw_text(text_run):
     uri = text_run.result["model_uri"]
-    assert model_input(uri) == ("text", "text")
-    assert model_outputs(uri) == {"prediction": "int", "probability": "array<float>", "reason": "string"}
+    assert model_contract(uri) == ModelContract(
+        "text", "text", {"prediction": "int", "probability": "array<float>", "reason": "string"})
     signature = mlflow.models.get_model_info(uri).signature
     assert signature.inputs.input_names() == ["text"] and signature.inputs.input_types()[0].name == "string"
 
