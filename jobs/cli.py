@@ -133,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sample = commands.add_parser("sample", help="write a packaged data set as raw files (e.g. digits as PNGs)")
     sample.add_argument("name", choices=sorted(SAMPLES), help="which data set")
-    sample.add_argument("--out", required=True, help="folder to write into")
+    sample.add_argument("--out", required=True, help="folder to write: new, empty, or written by dlpipe sample before "
+                        "(then replaced whole)")
     sample.set_defaults(handler=_cmd_sample)
 
     def stage_parser(name: str, help_text: str, handler) -> argparse.ArgumentParser:
