@@ -56,7 +56,7 @@ def stop_requested() -> str | None:
 
 def stop_exit_code() -> int:
     """The exit code of a job stopped by a signal, as a shell reports it: 143 for SIGTERM, 130 for SIGINT."""
-    return 128 + (_requested[0] if _requested else signal.SIGTERM)
+    return 128 + _requested[0] if _requested else EXIT_TERMINATED
 
 
 def settle() -> None:
