@@ -63,18 +63,20 @@ The data-wait fraction is the share of step time spent waiting for the next batc
 keeps up and the model's compute is the limit. A 64-value row is tiny, so this benchmark stresses per-batch
 overhead (loader slicing, DDP's all-reduce per step) more than bandwidth.
 
-What the H100 records (2026-11-23, one GPU, so world 1 only) say: at the config's batch of 32 every path
+What the H100 records (one GPU, so world 1 only) say: at the config's batch of 32 every path
 trains ~6,000 samples/s whatever the precision: a step of this small CNN is bound by per-step launch and
 optimizer overhead, not by the loader (data wait 1-2%) nor by arithmetic, so AMP cannot help. At batch
-1,024 the GPU trains ~200,000 samples/s and `ArrowLoader` reaches 0.74-0.94 of in-memory tensors with 5-7%
-of step time waiting for data; bf16/fp16 are within noise of float32 (the model is too small for tensor
-cores to matter). Those two GPU runs are single repeats, so differences under ~10% between their rows are not
+1,024 the GPU trains ~190,000-210,000 samples/s and `ArrowLoader` reaches 0.84-0.97 of in-memory tensors with
+5-6% of step time waiting for data (record of 2026-11-24, re-measured on the current code; the first such run,
+2026-11-23, gave 0.74-0.94 and 5-7%); bf16/fp16 are within noise of float32 (the model is too small for tensor
+cores to matter). Those GPU runs are single repeats, so differences under ~10% between their rows are not
 significant; the batch-512 record (medians of 2) agrees: `ArrowLoader` 0.87-0.89 of in-memory, and bf16/fp16
 10-25% slower than float32 on this tiny model (the casts autocast adds cost more than tensor cores save).
-The same session checked AMP for correctness, not speed (`tests/test_gpu.py` on the H100): the real `fit` with
-nccl reaches >= 0.95 test accuracy on digits in bf16 and in fp16 (with its loss scale checkpointed) and resumes
-from a checkpoint written on the GPU; weights trained there score on a CPU-only machine
-(`tests/test_cuda_weights.py`). Not measured yet: DDP 2 ranks on 2 GPUs (the lent machine had one).
+AMP is checked for correctness, not speed, by `tests/test_gpu.py` (last passed on the H100 on 2026-11-24,
+3 passed): the real `fit` with nccl reaches >= 0.95 test accuracy on digits in bf16 and in fp16 (with its loss
+scale checkpointed) and resumes from a checkpoint written on the GPU; weights trained there score on a
+CPU-only machine (`tests/test_cuda_weights.py`). Not measured yet: DDP 2 ranks on 2 GPUs (the lent machines
+had one; nccl refuses two ranks on one device).
 
 The CPU record (2026-11-23, load average ~31 on 2 cores, 4,000 rows, one timed epoch, single repeats) has
 `ArrowLoader` at 0.98 of in-memory tensors at world 1 (data wait 2%), and world 2 at 0.21-0.26 of world 1:

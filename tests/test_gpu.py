@@ -2,7 +2,7 @@
 resume from a checkpoint written on the GPU, and weights trained on CUDA serving on the CPU.
 
 Run on a GPU machine with `pytest tests/test_gpu.py --noconftest` (the shared conftest imports pyspark, which
-this file does not use). With DLPIPE_GPU_ARTIFACTS=DIR, the CUDA-trained CNN's state dict and its GPU logits on
+this file does not use); it needs torch, pyarrow, scikit-learn, pydantic and PyYAML. With DLPIPE_GPU_ARTIFACTS=DIR, the CUDA-trained CNN's state dict and its GPU logits on
 fixed inputs are written there: `tests/data/cuda_digits_cnn.*` are such files (from an H100), which
 `tests/test_cuda_weights.py` scores on CPU-only machines.
 """
