@@ -566,7 +566,7 @@ class PipelineConfig(_Strict):
     split: SplitConf = Field(default_factory=SplitConf)
     normalize: NormalizeConf = Field(default_factory=NormalizeConf)
     output: OutputConf = Field(default_factory=OutputConf)
-    model: Model
+    model: Model | None = None  # only the train stage needs one: an ETL-only pipeline leaves it out
     train: TrainConf = Field(default_factory=TrainConf)
     mlflow: MlflowConf = Field(default_factory=MlflowConf)
     score: ScoreConf = Field(default_factory=ScoreConf)
@@ -580,7 +580,7 @@ class PipelineConfig(_Strict):
         if self.train.augment.enabled and self.source.kind != "image_folder":
             raise ValueError(f"'train.augment': image augmentation needs source.kind image_folder, "
                              f"not {self.source.kind}")
-        if self.train.augment.enabled and self.model.kind == "dec":
+        if self.train.augment.enabled and self.model is not None and self.model.kind == "dec":
             raise ValueError("'train.augment': not supported with model.kind dec")
         return self
 
@@ -611,6 +611,13 @@ class PipelineConfig(_Strict):
                 raise ValueError(f"'{key}': {path} resolves to {path.resolve()}, outside the declared roots "
                                  f"{[str(root) for root in roots]}")
         return self
+
+    def require_model(self, needed_by: str) -> Model:
+        """The `model` section; ConfigError naming `needed_by` when the config has none (an ETL-only pipeline)."""
+        if self.model is None:
+            raise ConfigError(f"'model': {needed_by} needs a model section (model.kind: one of "
+                              f"{', '.join(sorted(_union_tags(Model)))}); this config has none")
+        return self.model
 
     @property
     def dataset_dir(self) -> Path:

@@ -106,9 +106,12 @@ def run_stages(
 ) -> dict[str, dict]:
     """Run the selected stages in order under the pipeline lock; return each stage's summary (marker)."""
     cfg = load_config(config_path, overrides)
+    stages = selected_stages(start, only)
+    if "train" in stages:
+        cfg.require_model("the train stage")  # before the ETL runs, not after
     markers: dict[str, dict] = {}
     with pipeline_lock(cfg):
-        for stage in selected_stages(start, only):
+        for stage in stages:
             wanted = stage_fingerprint(cfg, stage)
             marker = read_marker(cfg, stage)
             if not force and marker and marker["fingerprint"] == wanted:
@@ -125,56 +128,75 @@ def run_stages(
 
 @dataclass(frozen=True)
 class RunReport:
-    """What a user needs after a run: quality on the scored test split and where everything went."""
+    """What a user needs after a run: what each completed stage made, quality on the scored test split (once the
+    score stage is complete) and where everything went."""
 
     cfg: PipelineConfig
     manifest: dict
-    markers: dict[str, dict]
+    markers: dict[str, dict]  # the completed stages' markers
     metrics: dict
 
     def as_text(self) -> str:
         counts = self.manifest["counts"]
-        trained = self.markers["train"]["summary"]
-        promotion = self.markers["promote"]["summary"]
-        scored = self.markers["score"]["summary"]
         lines = [
             f"pipeline {self.cfg.name}: {counts['rows_clean']} clean rows "
             f"({counts['rows_quarantined']} quarantined), split train/val/test = "
             f"{counts['train']}/{counts['val']}/{counts['test']}",
-            f"trained {trained['model_name']} version {trained['model_version']} (MLflow run {trained['run_id']})"
-            + "".join(f"; {key} {value:.6g}" for key, value in (trained.get("serving_state") or {}).items()
-                      if isinstance(value, float)),
-            f"promotion: {promotion['decision']} ({promotion['reason']}); "
-            f"champion = version {promotion['champion_version_after']}",
-            f"scored {scored['rows_out']} test rows with {scored['model_name']} version {scored['model_version']} "
-            f"({trained['task']}):",
-            *(f"  {name:<18} {value:.4f}" for name, value in self.metrics.items()),
+        ]
+        if "train" in self.markers:
+            trained = self.markers["train"]["summary"]
+            lines.append(
+                f"trained {trained['model_name']} version {trained['model_version']} (MLflow run {trained['run_id']})"
+                + "".join(f"; {key} {value:.6g}" for key, value in (trained.get("serving_state") or {}).items()
+                          if isinstance(value, float)))
+        if "promote" in self.markers:
+            promotion = self.markers["promote"]["summary"]
+            lines.append(f"promotion: {promotion['decision']} ({promotion['reason']}); "
+                         f"champion = version {promotion['champion_version_after']}")
+        if "score" in self.markers:
+            scored = self.markers["score"]["summary"]
+            lines += [f"scored {scored['rows_out']} test rows with {scored['model_name']} version "
+                      f"{scored['model_version']} ({self.markers['train']['summary']['task']}):",
+                      *(f"  {name:<18} {value:.4f}" for name, value in self.metrics.items())]
+        pending = [stage for stage in STAGES if stage not in self.markers]
+        if pending:
+            how = f"`dlpipe run CONFIG --from {pending[0]}`" if self.cfg.model else "this config has no model section"
+            lines.append(f"not run yet: {', '.join(pending)} ({how})")
+        lines += [
             f"dataset:      {self.cfg.dataset_dir}",
             f"quarantine:   {self.cfg.quarantine_dir}",
-            f"predictions:  {scored['output']}",
+            *([f"predictions:  {self.markers['score']['summary']['output']}"] if "score" in self.markers else []),
             f"MLflow store: {self.cfg.tracking_uri}  (mlflow ui --backend-store-uri {self.cfg.tracking_uri})",
         ]
         return "\n".join(lines)
 
 
 def run_pipeline(config_path: str | Path, overrides: list[str], **selection) -> RunReport:
-    """Run the stages, then report the scored test split's metrics (counted by Spark from the predictions)."""
+    """Run the stages, then report them; once the score stage is complete, with the scored test split's metrics
+    (counted by Spark from the predictions)."""
     from pipelines.dataset import read_manifest
+
+    ran = run_stages(config_path, overrides, **selection)
+    cfg = load_config(config_path, overrides)
+    manifest = read_manifest(cfg.dataset_dir)
+    markers = {stage: ran.get(stage) or read_marker(cfg, stage) for stage in STAGES}
+    markers = {stage: marker for stage, marker in markers.items() if marker}
+    metrics = _test_metrics(cfg, manifest, markers) if "score" in markers else {}
+    return RunReport(cfg, manifest, markers, metrics)
+
+
+def _test_metrics(cfg: PipelineConfig, manifest: dict, markers: dict[str, dict]) -> dict:
+    """The scored test split's metrics, counted by Spark from the predictions the score stage wrote."""
     from pipelines.evaluation import predictions_report
     from pipelines.spark import spark_session
 
-    markers = run_stages(config_path, overrides, **selection)
-    cfg = load_config(config_path, overrides)
-    manifest = read_manifest(cfg.dataset_dir)
-    markers = {stage: markers.get(stage) or require_complete(cfg, stage, "the run report") for stage in STAGES}
     scored = markers["score"]["summary"]
     if scored["rows_out"] != manifest["counts"]["test"]:
         raise RuntimeError(f"scored {scored['rows_out']} rows but the manifest's test split has {manifest['counts']['test']}")
     spark = spark_session(cfg.spark, f"dlpipe-report-{cfg.name}")
     task = markers["train"]["summary"]["task"]
     predictions = spark.read.parquet(str(scored["output"]))
-    metrics = predictions_report(predictions, task, manifest["classes"], cfg.train.anomaly.normal_label)
-    return RunReport(cfg, manifest, markers, metrics)
+    return predictions_report(predictions, task, manifest["classes"], cfg.train.anomaly.normal_label)
 
 
 def run_demo(config_path: str | Path, overrides: list[str]) -> RunReport:

@@ -102,11 +102,12 @@ def check_training(cfg: PipelineConfig, manifest: dict, world_size: int | None =
 
     The launchers run it before any rank starts (a mismatch is a config or data error, not a training failure), and
     each rank again (the trainer checks the shards itself)."""
+    model = cfg.require_model("the train stage")
     try:
-        task = build_task(cfg.model, manifest["classes"], cfg.train.anomaly)
+        task = build_task(model, manifest["classes"], cfg.train.anomaly)
         task.check(cfg.train)
         target_statistics = task.target_statistics(split_dir(cfg.dataset_dir, "train"))
-        build_model(cfg.model, tuple(manifest["feature_shape"]), task.num_outputs,
+        build_model(model, tuple(manifest["feature_shape"]), task.num_outputs,
                     target_statistics=target_statistics, vocab_size=vocabulary_size(manifest))
     except ValueError as exc:
         raise ConfigError(str(exc)) from None

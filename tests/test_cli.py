@@ -12,13 +12,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+import yaml
 from mlflow import MlflowClient
 
 from jobs.cli import EXIT_CONFIG, EXIT_DATA, main
-from jobs.sample import write_digits
+from jobs.config import load_config
+from jobs.run import RunReport
+from jobs.sample import write_breast_cancer, write_digits
 from jobs.stage import LOG_FORMAT_ENV, configure_logging, stage
 
 DIGITS = Path(__file__).resolve().parents[1] / "conf" / "digits_cnn.yaml"
+BREAST_CANCER = DIGITS.with_name("breast_cancer_anomaly.yaml")
 
 
 def dlpipe(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -93,6 +97,49 @@ def test_stage_summary_fields_reach_the_json_log(monkeypatch, capsys):
     assert done["message"].startswith("done in ") and done["message"].endswith("rows_in=10 rows_quarantined=1")
     assert (done["stage"], done["rows_in"], done["rows_quarantined"]) == ("etl", 10, 1)
     assert done["seconds"] >= 0
+
+
+def test_an_etl_only_pipeline_runs_its_etl_and_is_refused_training_before_any_stage(tmp_path):
+    """A config without a `model` section: `dlpipe run --only etl` runs and reports the ETL and what is left;
+    a whole run, or `dlpipe train`, is a config error naming the missing section, the whole run's before the ETL."""
+    conf = yaml.safe_load(BREAST_CANCER.read_text())
+    del conf["model"]
+    write_breast_cancer(tmp_path / "raw")
+    conf.update(run_dir=str(tmp_path / "run"), source={**conf["source"], "path": str(tmp_path / "raw")})
+    etl_only = tmp_path / "etl_only.yaml"
+    etl_only.write_text(yaml.safe_dump(conf))
+    refused = ("dlpipe: config error: 'model': the train stage needs a model section (model.kind: one of "
+               "autoencoder, cnn, dec, lstm_autoencoder, mlp, rnn); this config has none")
+
+    whole = dlpipe("run", str(etl_only), cwd=tmp_path)
+    assert (whole.returncode, whole.stderr.strip().splitlines()[-1]) == (EXIT_CONFIG, refused)
+    assert not any((tmp_path / "run").glob("*"))  # refused before the ETL, its MLflow store or the lock
+
+    etl = dlpipe("run", str(etl_only), "--only", "etl", cwd=tmp_path)
+    assert etl.returncode == 0, etl.stderr[-3000:]
+    counts = json.loads((tmp_path / "run" / "dataset" / "manifest.json").read_text())["counts"]
+    assert counts["rows_clean"] + counts["rows_quarantined"] == 569
+    assert etl.stdout.splitlines()[:3] == [
+        f"pipeline breast-cancer-anomaly: {counts['rows_clean']} clean rows ({counts['rows_quarantined']} "
+        f"quarantined), split train/val/test = {counts['train']}/{counts['val']}/{counts['test']}",
+        "not run yet: train, promote, score (this config has no model section)",
+        f"dataset:      {tmp_path / 'run' / 'dataset'}",
+    ]
+
+    train = dlpipe("train", str(etl_only), cwd=tmp_path)
+    assert (train.returncode, train.stderr.strip().splitlines()[-1]) == (EXIT_CONFIG, refused)
+
+
+def test_the_report_of_a_partial_run_names_the_stages_left_and_how_to_run_them():
+    manifest = {"counts": {"rows_clean": 10, "rows_quarantined": 1, "train": 7, "val": 2, "test": 1}}
+    trained = {"summary": {"model_name": "digits-cnn", "model_version": 3, "run_id": "r1", "task": "classification"}}
+    text = RunReport(load_config(DIGITS, []), manifest, {"etl": {}, "train": trained}, {}).as_text().splitlines()
+    assert text[:3] == [
+        "pipeline digits-cnn: 10 clean rows (1 quarantined), split train/val/test = 7/2/1",
+        "trained digits-cnn version 3 (MLflow run r1)",
+        "not run yet: promote, score (`dlpipe run CONFIG --from promote`)",
+    ]
+    assert not any(line.startswith(("promotion:", "scored", "predictions:")) for line in text)
 
 
 @pytest.mark.slow

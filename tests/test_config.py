@@ -60,8 +60,8 @@ def test_wrong_type_names_the_key():
 
 
 def test_missing_required_key_is_named(tmp_path):
-    path = write_config(tmp_path, lambda d: d.pop("model"))
-    with pytest.raises(ConfigError, match=r"missing required key 'model'"):
+    path = write_config(tmp_path, lambda d: d.pop("run_dir"))
+    with pytest.raises(ConfigError, match=r"missing required key 'run_dir'"):
         load_config(path)
 
 
