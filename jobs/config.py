@@ -214,7 +214,7 @@ class TimeSeriesSource(_FileTableSource):
     inputs: list[str] | None = None  # the numeric columns of each step (default: all besides time and series key)
     target: str  # the numeric column to forecast; must be one of the inputs
     window: WindowConf = Field(default_factory=WindowConf)
-    baseline_lags: PositiveInt = 14  # the ridge baseline regresses on the last this-many target values
+    baseline_lags: PositiveInt | None = None  # the ridge baseline's lags (default: the whole window.length)
 
     @property
     def file_format(self) -> str:
@@ -223,6 +223,11 @@ class TimeSeriesSource(_FileTableSource):
     @property
     def key_columns(self) -> tuple[str, ...]:
         return (self.series_key, self.time_column) if self.series_key else (self.time_column,)
+
+    @property
+    def ridge_lags(self) -> int:
+        """How many of a window's last target values the ridge baseline regresses on."""
+        return self.baseline_lags or self.window.length
 
     @property
     def input_columns(self) -> list[str]:
@@ -241,9 +246,24 @@ class TimeSeriesSource(_FileTableSource):
             raise ValueError(f"source.inputs must be numeric columns, got {not_numeric or 'none'}")
         if self.target not in self.input_columns:
             raise ValueError(f"source.target '{self.target}' must be one of the inputs {self.input_columns}")
-        if self.baseline_lags > self.window.length:
+        if self.baseline_lags and self.baseline_lags > self.window.length:
             raise ValueError(f"source.baseline_lags {self.baseline_lags} exceeds window.length {self.window.length}")
         return self
+
+
+# What the default `source.token_pattern` splits on, by code point, so that Spark (Java regex) and the served model
+# (Python `re`) split the same way: ASCII's non-word characters (exactly Java's default `\W`) and the spaces and
+# punctuation of other scripts that text commonly holds. Letters, digits and marks of every script stay in tokens
+# (`\W+` would cut "café" to "caf": Java's `\W` is ASCII unless the pattern asks for Unicode).
+_TOKEN_SEPARATORS = (
+    r"\x00-\x20\x7f",  # ASCII controls and space
+    r"!-/:-@\[-^`{-~",  # ASCII punctuation and symbols, not '_'
+    r"\u0080-\u00a1\u00ab\u00bb\u00bf",  # C1 controls, no-break space, inverted marks, guillemets
+    r"\u2000-\u200b\u2010-\u2029\u202f-\u205f",  # spaces, dashes, quotes, ellipsis, line/paragraph separators
+    r"\u3000-\u3003\u3008-\u3011\u3014-\u301f",  # CJK space, commas, full stops, brackets
+    r"\uff01-\uff0f\uff1a-\uff20\uff3b-\uff40\uff5b-\uff65\ufeff",  # full-width punctuation, byte-order mark
+)
+DEFAULT_TOKEN_PATTERN = "[" + "".join(_TOKEN_SEPARATORS) + "]+"
 
 
 class TextSource(_FileTableSource):
@@ -253,7 +273,7 @@ class TextSource(_FileTableSource):
     format: Literal["csv", "json"] = "csv"
     text_column: str
     label: str | None = None  # the class column
-    token_pattern: str = r"\W+"  # RegexTokenizer: the pattern between tokens
+    token_pattern: str = DEFAULT_TOKEN_PATTERN  # RegexTokenizer: the pattern between tokens
     lowercase: bool = True
     max_length: PositiveInt = 64  # token ids per row: longer texts are cut, shorter ones padded with PAD (0)
     vocab_size: int = Field(20_000, ge=3)  # including PAD (0) and OOV (1)

@@ -154,7 +154,7 @@ def _timeseries_etl(spark: SparkSession, cfg: PipelineConfig) -> dict:
             "scaler": scaler.to_dict(),
         }
         baselines = lambda written: {  # noqa: E731
-            "baselines": forecast_baselines(written, len(inputs), inputs.index(source.target), source.baseline_lags)
+            "baselines": forecast_baselines(written, len(inputs), inputs.index(source.target), source.ridge_lags)
         }
         balance = class_balance(windows, [])  # the dataset rows are windows, not the clean steps
         check_split_sizes(split_sizes(balance), cfg.split)
@@ -267,5 +267,5 @@ def _write(cfg, dataset, counts, reasons, classes, balance, *, quality, describe
     )
     if "raw_features" in dataset.columns:  # what the scorer sees: drift is checked against its train distribution
         manifest["reference_distribution"] = fit_reference(_train(dataset), "raw_features")
-    world_size = cfg.train.world_size
+    world_size = cfg.train.world_size if cfg.model else 1  # an ETL-only pipeline has no ranks to shard for
     return write_dataset(dataset, cfg.dataset_dir, manifest, quality, cfg.output, world_size, describe_written)

@@ -103,7 +103,9 @@ def test_an_etl_only_pipeline_runs_its_etl_and_is_refused_training_before_any_st
     """A config without a `model` section: `dlpipe run --only etl` runs and reports the ETL and what is left;
     a whole run, or `dlpipe train`, is a config error naming the missing section, the whole run's before the ETL."""
     conf = yaml.safe_load(BREAST_CANCER.read_text())
-    del conf["model"]
+    for training_only in ("model", "train", "promote", "score"):
+        del conf[training_only]
+    conf["output"]["files_per_split"] = 1  # fewer than the default train.world_size: no ranks will read them
     write_breast_cancer(tmp_path / "raw")
     conf.update(run_dir=str(tmp_path / "run"), source={**conf["source"], "path": str(tmp_path / "raw")})
     etl_only = tmp_path / "etl_only.yaml"

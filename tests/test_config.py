@@ -170,3 +170,14 @@ def test_secrets_are_masked_in_everything_that_gets_logged():
     logged = cfg.to_yaml()
     assert "hunter2" not in logged and "AKIA123" not in logged and "s3cr3t" not in logged
     assert cfg.tracking_uri == "https://alice:s3cr3t@mlflow.example.com"  # the job itself still has it
+
+
+def test_the_ridge_baseline_regresses_on_the_whole_window_unless_told_otherwise(tmp_path):
+    seattle = yaml.safe_load(DIGITS.with_name("seattle_weather_rnn.yaml").read_text())
+    del seattle["source"]["baseline_lags"]
+    path = tmp_path / "series.yaml"
+    path.write_text(yaml.safe_dump(seattle))
+    assert load_config(path, ["source.window.length=6"]).source.ridge_lags == 6  # a short window needs no lags setting
+    assert load_config(path, ["source.window.length=6", "source.baseline_lags=3"]).source.ridge_lags == 3
+    with pytest.raises(ConfigError, match="source.baseline_lags 7 exceeds window.length 6"):
+        load_config(path, ["source.window.length=6", "source.baseline_lags=7"])

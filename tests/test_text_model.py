@@ -16,12 +16,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from dl.serving import ServingModel
-from jobs.config import validate_config
+from jobs.config import DEFAULT_TOKEN_PATTERN, TextSource, validate_config
 from jobs.etl import run_etl
 from jobs.sample import TEXT_TOPICS, write_text_corpus
 from pipelines.scoring import ModelContract, model_contract, score_parquet
 from pipelines.split import SPLITS
-from pipelines.text import OOV_ID, empty_text_reason
+from pipelines.text import OOV_ID, TextEncoder, empty_text_reason, tokenize
+from pipelines.vocabulary import Vocabulary
 from registry_helpers import tracking
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,8 +32,10 @@ MAX_LENGTH = 12
 # Words that stress the tokenizers: accents, German sharp s, Turkish dotted/dotless i, Greek (final sigma), Cyrillic,
 # CJK, emoji and other characters outside the BMP, ligatures, title-case digraphs, digits and underscores.
 WORDS = ["Apple", "banana", "CAFÉ", "naïve", "Zürich", "Straße", "GROẞ", "İstanbul", "ılık", "ΟΔΟΣ", "λόγος",
-         "Привет", "東京", "😀", "𝔘nicode", "ﬁne", "ǅemal", "x86_64", "don't", "e-mail", "42", "Ωmega", "K"]
-SEPARATORS = [" ", ", ", "\t", "-", "!! ", "\u00a0", "\u3000", " \n ", "...", "\u2028", " _ "]
+         "Привет", "東京", "😀", "𝔘nicode", "ﬁne", "ǅemal", "x86_64", "don't", "e-mail", "42", "Ωmega", "K",
+         "देवनागरी", "l·l", "e\u0301te"]
+SEPARATORS = [" ", ", ", "\t", "-", "!! ", "\u00a0", "\u3000", " \n ", "...", "\u2028", " _ ", "\u201c", "\u201d \u2014 ",
+              "\u3001", "\u2026", "\uff01"]
 EMPTY_ISH = ["", "   ", "!!! ...", "\t\n", "--", "\u00a0"]
 
 
@@ -48,7 +51,7 @@ def parity_texts(count: int, seed: int = 0) -> list[str]:
     return texts
 
 
-@pytest.mark.parametrize("pattern", [r"\W+", r"\s+"])
+@pytest.mark.parametrize("pattern", [DEFAULT_TOKEN_PATTERN, r"\W+", r"\s+"], ids=["default", "W", "s"])
 def test_the_registered_models_tokenizer_gives_the_etl_ids(spark, tmp_path, pattern):
     """300 raw texts through the Spark ETL (RegexTokenizer, vocabulary, cut/pad) and through the serving model's own
     preprocessing: the same ids for every row, and the same rows without a token (quarantined vs not scored)."""
@@ -85,6 +88,25 @@ def test_the_registered_models_tokenizer_gives_the_etl_ids(spark, tmp_path, patt
     _, all_reasons = serving.inputs.encode(texts)
     assert quarantined == {i for i, reason in enumerate(all_reasons) if reason == empty_text_reason("text")}
     assert {EMPTY_ISH.index(blank) for blank in ("", "   ", "\t\n")} <= quarantined  # blank under any pattern
+
+
+def test_the_default_token_pattern_splits_on_punctuation_of_any_script_never_inside_a_word(spark, tmp_path):
+    """The ETL's tokenizer (Spark) and the registered model's (Python) with the default pattern, on texts whose
+    words `\\W+` would cut ("café" -> "caf"): the same tokens, and the words whole."""
+    expected = {
+        "Naïve café, déjà-vu!": ["naïve", "café", "déjà", "vu"],
+        "東京、大阪。「京都」": ["東京", "大阪", "京都"],
+        "\u201cStraße\u201d \u2014 über\u2026Ärger": ["straße", "über", "ärger"],
+        "Привет,\u00a0мир\u3000¿qué? «oui»": ["привет", "мир", "qué", "oui"],
+        "x86_64 l·l ﬁne 😀 देवनागरी e\u0301te": ["x86_64", "l·l", "ﬁne", "😀", "देवनागरी", "e\u0301te"],
+        "don't stop-now 3.5": ["don", "t", "stop", "now", "3", "5"],
+    }
+    source = TextSource(kind="text", path=tmp_path, text_column="text", columns=[{"name": "text", "type": "string"}])
+    rows = spark.createDataFrame([(text, None) for text in expected], "text string, reason string")
+    by_spark = {row.text: row.tokens for row in tokenize(rows, source).collect()}
+    served = TextEncoder(source.token_pattern, True, 1, 8, Vocabulary(("<pad>", "<oov>"), 1))
+    assert by_spark == expected
+    assert {text: served.tokens(text) for text in expected} == expected
 
 
 @pytest.fixture(scope="module")
