@@ -108,14 +108,17 @@ def _read_json_lines(spark: SparkSession, text: StructType, paths: list[str]) ->
     """One row per non-blank line; a line that is not one JSON object (an array too) keeps its text in `_corrupt_record`.
 
     Spark's JSON reader turns a top-level array into one row per element (none for `[]`), so lines are read as
-    text and parsed here. Blank lines (whitespace and control characters only) are not records, as for CSV.
+    text and parsed here. Spark's parser also stops after the first value of a line, so a line holding more (two
+    objects whose newline was lost, trailing garbage) is found by counting the elements of `[<line>,0]`: exactly
+    two when the line is one value. Blank lines (whitespace and control characters only) are not records, as for CSV.
     """
     options = {"mode": "PERMISSIVE", "columnNameOfCorruptRecord": CORRUPT_RECORD}
     lines = spark.read.text(paths).where(~F.col("value").rlike(_BLANK_LINE))
     parsed = lines.select(F.from_json("value", text, options).alias("row"), F.col("value"))
+    one_value = F.coalesce(F.json_array_length(F.concat(F.lit("["), F.col("value"), F.lit(",0]"))) == 2, F.lit(False))
+    corrupt = F.col(f"row.{CORRUPT_RECORD}").isNotNull() | F.col("row").isNull() | ~one_value
     return parsed.select(*[F.col(f"row.{c.name}").alias(c.name) for c in text.fields if c.name != CORRUPT_RECORD],
-                         F.when(F.col(f"row.{CORRUPT_RECORD}").isNotNull() | F.col("row").isNull(), F.col("value"))
-                         .alias(CORRUPT_RECORD))
+                         F.when(corrupt, F.col("value")).alias(CORRUPT_RECORD))
 
 
 def _value_problem(spec: ColumnSpec, raw: Column, typed: Column, required: bool) -> Column:
