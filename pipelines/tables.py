@@ -13,6 +13,8 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 from pyspark.sql.types import DoubleType, FloatType, StringType, StructField, StructType
@@ -80,14 +82,25 @@ def _ddl(schema: StructType) -> str:
     return ", ".join(f"`{f.name.replace('`', '``')}` {f.dataType.simpleString()}" for f in schema)
 
 
+def _check_parquet_columns(source: FileSource, files: list[Path]) -> None:
+    """DataError naming a Parquet file that lacks a declared column. Spark takes the schema from one file and reads
+    a column another file lacks as null, which a nullable column's checks would let through unseen. Only footers are
+    read; a file that is not Parquet at all is left to Spark, whose refusal names it (`file_refusals_named`)."""
+    for path in files:
+        try:
+            names = set(pq.read_schema(path).names)
+        except pa.ArrowInvalid:
+            continue
+        missing = [c.name for c in source.columns if c.name not in names]
+        if missing:
+            raise DataError(f"Parquet file {path} lacks the declared column(s) {', '.join(missing)} (source.columns)")
+
+
 def _read(spark: SparkSession, source: FileSource, files: list[Path]) -> DataFrame:
     paths = [str(f) for f in files]
     if source.file_format == "parquet":
-        df = spark.read.parquet(*paths)
-        missing = [c.name for c in source.columns if c.name not in df.columns]
-        if missing:
-            raise DataError(f"Parquet source {source.path} lacks the declared column(s) {', '.join(missing)}")
-        return df.withColumn(CORRUPT_RECORD, F.lit(None).cast("string"))
+        _check_parquet_columns(source, files)
+        return spark.read.parquet(*paths).withColumn(CORRUPT_RECORD, F.lit(None).cast("string"))
     if source.file_format == "json":
         return _read_json_lines(spark, _as_text(source), paths)
     parsed = _parsed_by_reader(source)

@@ -326,6 +326,20 @@ def test_parquet_files_storing_a_column_in_two_types_fail_naming_a_file(spark, t
     assert not cfg.dataset_dir.exists()
 
 
+def test_a_parquet_file_lacking_a_declared_column_fails_naming_it(spark, tmp_path):
+    """Spark reads a column one file lacks as null: in a nullable column (y) every row of that file would pass."""
+    (tmp_path / "in").mkdir()
+    rows = [clean_row(i) for i in range(12)]
+    pq.write_table(pa.Table.from_pylist(rows[:6]), tmp_path / "in" / "part-0.parquet")
+    pq.write_table(pa.Table.from_pylist([{k: v for k, v in row.items() if k != "y"} for row in rows[6:]]),
+                   tmp_path / "in" / "part-1.parquet")
+    cfg = table_config(tmp_path / "in", tmp_path / "run", kind="parquet")
+    with pytest.raises(DataError, match=re.escape(
+            f"Parquet file {tmp_path / 'in' / 'part-1.parquet'} lacks the declared column(s) y (source.columns)")):
+        run_etl(cfg)
+    assert not cfg.dataset_dir.exists()
+
+
 def _gzip_csv(rows: range) -> bytes:
     return gzip.compress(("\n".join([HEADER, *(csv_line(clean_row(i)) for i in rows)]) + "\n").encode())
 
