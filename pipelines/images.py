@@ -1,7 +1,8 @@
 """Image folder ingest: one row per file, decoded to pixels in Arrow batches, or quarantined with a reason.
 
-Layout: `<root>/<class>/<file>`; the label is the name of the file's parent folder and the row key `id` is
-the path relative to `<root>` (e.g. `3/0042.png`). With `source.labels`, a CSV gives the labels instead and the
+Layout: `<root>/<class>/<file>`, or deeper (`<root>/<class>/<any folders>/<file>`); the label is the name of the
+folder directly below `<root>`, as torchvision's and Keras' image folders read it, and the row key `id` is the path
+relative to `<root>` (e.g. `3/0042.png`). With `source.labels`, a CSV gives the labels instead and the
 files may sit anywhere below `<root>` (`pipelines/image_labels.py`). A row with a `reason` is quarantined; the rest
 are clean.
 Like every Spark file source, the listing skips hidden files and folders (names starting with `.` or `_`).
@@ -127,11 +128,11 @@ def _decode_file(
     key: str, content: bytes, image_size: tuple[int, int], channels: int, max_pixels: int, folder_labels: bool
 ) -> tuple[str | None, np.ndarray | None, str | None]:
     """(label, pixels, reason) of one file: pixels when it decodes, else None and why not. The label is the name
-    of the file's folder with `folder_labels`, else None (a labels CSV gives it)."""
-    folder, _, _ = key.rpartition("/")
-    if folder_labels and not folder:
+    of the class folder (the first part of `key`) with `folder_labels`, else None (a labels CSV gives it)."""
+    class_folder, _, below = key.partition("/")
+    if folder_labels and not below:
         return None, None, NOT_IN_CLASS_FOLDER
-    label = folder.rpartition("/")[2] if folder_labels else None
+    label = class_folder if folder_labels else None
     try:
         return label, decode_image(content, image_size, channels, max_pixels), None
     except Exception as error:  # any decoding failure is a property of the file: quarantine it

@@ -16,7 +16,7 @@ from jobs.config import OutputConf, PipelineConfig, SplitConf, validate_config
 from jobs.etl import run_etl
 from pipelines.dataset import read_manifest, write_dataset
 from pipelines.errors import DataError
-from pipelines.images import NOT_IN_CLASS_FOLDER, decode_image
+from pipelines.images import NOT_IN_CLASS_FOLDER, decode_image, ingest_image_folder
 from pipelines.scaling import FittedScaler
 from pipelines.spark import CONCURRENT_WRITERS
 from pipelines.split import assign_split
@@ -212,6 +212,21 @@ def test_bad_files_are_quarantined_with_reasons_and_counts_reconcile(etl, source
     assert by_file["stray.png"]["reason"] == NOT_IN_CLASS_FOLDER
     counts = manifest["counts"]
     assert counts["rows_in"] == counts["rows_clean"] + counts["rows_quarantined"] == 60 + len(quarantine)
+
+
+def test_images_in_folders_below_a_class_folder_take_the_class_folders_label(spark, tmp_path):
+    """`<root>/<class>/<batch>/<file>`: the label is the class folder's name, never the batch folder's (which two
+    classes may share)."""
+    pixels = png_bytes(np.zeros((8, 8), dtype=np.uint8))
+    for key in ("cat/2019/a.png", "cat/2020/b.png", "dog/2019/c.png", "dog/d.png", "e.png"):
+        (tmp_path / "in" / key).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "in" / key).write_bytes(pixels)
+    cfg = etl_config(tmp_path / "in", tmp_path / "run")
+    rows = ingest_image_folder(spark, cfg.source).select("id", "label", "reason").collect()
+    assert sorted((row["id"], row["label"], row["reason"]) for row in rows) == [
+        ("cat/2019/a.png", "cat", None), ("cat/2020/b.png", "cat", None), ("dog/2019/c.png", "dog", None),
+        ("dog/d.png", "dog", None), ("e.png", None, NOT_IN_CLASS_FOLDER),
+    ]
 
 
 def test_decode_image_keeps_channel_height_width_order_and_resizes():
