@@ -6,6 +6,7 @@ the split, the fitted preprocessing, the quality report and the writer.
 from __future__ import annotations
 
 import hashlib
+import logging
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
@@ -46,6 +47,7 @@ from pipelines.vocabulary import fit_vocabularies
 from pipelines.windows import sliding_windows
 
 UNKNOWN_CATEGORY = "<unknown>"  # id 0 of every categorical vocabulary: values not seen in train
+log = logging.getLogger("dlpipe.etl")
 
 
 def run_etl(cfg: PipelineConfig) -> dict:
@@ -211,6 +213,9 @@ def _quarantine(checked: DataFrame, is_clean: Column, cfg: PipelineConfig) -> tu
     counted = Observation("rows")
     write_quarantine(quarantine_rows(checked.observe(counted, *row_counts(is_clean))), cfg.quarantine_dir)
     counts, reasons = counted.get, quarantine_reasons(cfg.quarantine_dir, checked.sparkSession)
+    most = "; ".join(f"{reason} ({rows})" for reason, rows in sorted(reasons.items(), key=lambda r: -r[1])[:3])
+    log.info("rows in %d: %d clean, %d quarantined%s", counts["rows_in"], counts["rows_clean"],
+             counts["rows_quarantined"], f" (most: {most})" if most else "", extra={"fields": dict(counts)})
     check_counts(counts, cfg.source.max_bad_fraction, cfg.quarantine_dir, reasons)
     return counts, reasons
 
@@ -222,7 +227,9 @@ def _split(clean: DataFrame, classes: list[str], cfg: PipelineConfig, total: int
     rows = split_rows(clean, "id", "label" if classes else None, cfg.split)
     quality = quality_report(rows, quality_columns, classes, never_null)
     balance = reported_balance(quality, classes)
-    check_split_sizes(split_sizes(balance), cfg.split, total)
+    sizes = split_sizes(balance)
+    log.info("split train/val/test = %s", "/".join(str(sizes[split]) for split in SPLITS), extra={"fields": sizes})
+    check_split_sizes(sizes, cfg.split, total)
     return rows, balance, quality
 
 
@@ -268,4 +275,5 @@ def _write(cfg, dataset, counts, reasons, classes, balance, *, quality, describe
     if "raw_features" in dataset.columns:  # what the scorer sees: drift is checked against its train distribution
         manifest["reference_distribution"] = fit_reference(_train(dataset), "raw_features")
     world_size = cfg.train.world_size if cfg.model else 1  # an ETL-only pipeline has no ranks to shard for
+    log.info("preprocessing fitted on the train split; writing the dataset to %s", cfg.dataset_dir)
     return write_dataset(dataset, cfg.dataset_dir, manifest, quality, cfg.output, world_size, describe_written)

@@ -9,6 +9,7 @@ Reasons name the column and the kind of problem, never the value (the value is i
 """
 from __future__ import annotations
 
+import logging
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
@@ -29,6 +30,7 @@ from pipelines.spark import small_generated_methods
 CORRUPT_RECORD = "_corrupt_record"
 NUMERIC_TYPES = ("int", "long", "float", "double")
 DUPLICATE_KEY = "duplicate key: an earlier row has the same key (first kept)"
+log = logging.getLogger("dlpipe.etl")
 _INTEGER_TEXT = r"^\s*[+-]?\d+\s*$"  # Spark's cast truncates "1.5" to 1; an int column must hold an integer
 _BLANK_LINE = r"^[\x00-\x20]*$"  # what Java's String.trim() removes: CSV skips such lines
 # CSV columns of these types are parsed by the reader itself: 27 s for 10M rows of 20 doubles, against 41 s read as
@@ -292,9 +294,11 @@ def checked_table(spark: SparkSession, source: FileSource, files: list[Path], sc
         with small_generated_methods(spark), file_refusals_named(files):  # the checks run as the rows are written
             rows = kept.enter_context(kept_as_parquet(ingest_table(spark, source, files, check), scratch,
                                                       dictionary=_few_values(source)))
+        log.info("read and checked %d input file(s) of %s", len(files), source.path)
         clean = rows.where(is_clean())
         keys, repeated = kept.enter_context(
             materialized(clean.groupBy("id").count().where(F.col("count") > 1).select("id")))
+        log.info("%d key(s) repeat on clean rows (%s)", repeated, ", ".join(source.key_columns) or "record hash")
         if not repeated:
             yield rows
             return

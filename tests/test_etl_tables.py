@@ -5,6 +5,7 @@ import csv
 import gzip
 import io
 import json
+import logging
 import re
 from datetime import date, datetime
 from pathlib import Path
@@ -128,6 +129,21 @@ def test_every_bad_record_kind_is_quarantined_with_its_reason_and_counts_reconci
     }
     assert json.loads(by_reason[DUPLICATE_KEY])["id"] == "3"
     assert not list(cfg.run_dir.glob(".checked*")), "the checked rows' scratch folder outlived the run"
+
+
+def test_the_etl_logs_each_pass_with_its_counts(spark, csv_source, tmp_path, caplog):
+    """Progress for a long job: a line as each pass over the data ends, the counts in it."""
+    caplog.set_level(logging.INFO, logger="dlpipe")
+    cfg = table_config(csv_source, tmp_path / "run")
+    counts = run_etl(cfg)["counts"]
+    lines = [record.getMessage() for record in caplog.records if record.name == "dlpipe.etl"]
+    assert lines[:3] == ["started", f"read and checked 2 input file(s) of {csv_source}",
+                         "1 key(s) repeat on clean rows (id)"]  # id 3 (DUPLICATE_KEY in BAD_LINES)
+    assert lines[3].startswith(f"rows in {counts['rows_in']}: {counts['rows_clean']} clean, "
+                               f"{counts['rows_quarantined']} quarantined (most: ")
+    assert lines[4:6] == [f"split train/val/test = {counts['train']}/{counts['val']}/{counts['test']}",
+                          f"preprocessing fitted on the train split; writing the dataset to {cfg.dataset_dir}"]
+    assert lines[6].startswith("done in ") and len(lines) == 7
 
 
 def test_manifest_describes_the_table_dataset(etl, csv_source):
