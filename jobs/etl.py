@@ -101,7 +101,7 @@ def _table_etl(spark: SparkSession, cfg: PipelineConfig) -> dict:
     files = tables.source_files(source.path)
     with tables.checked_table(spark, source, files, _scratch(cfg)) as checked:  # read and checked once
         counts, reasons = _quarantine(checked, tables.is_clean(), cfg)
-        tables.check_duplicates(reasons, source)
+        tables.check_duplicates(checked, reasons, source, cfg.quarantine_dir)
         numeric, categorical = tables.feature_columns(source)
         clean = tables.with_raw_features(checked.where(tables.is_clean()), numeric)
         clean, classes = _encoded_labels(clean, source.label)
@@ -138,7 +138,7 @@ def _timeseries_etl(spark: SparkSession, cfg: PipelineConfig) -> dict:
     files = tables.source_files(source.path)
     with tables.checked_table(spark, source, files, _scratch(cfg)) as checked:
         counts, reasons = _quarantine(checked, tables.is_clean(), cfg)
-        tables.check_duplicates(reasons, source)
+        tables.check_duplicates(checked, reasons, source, cfg.quarantine_dir)
         inputs = source.input_columns
         clean = tables.with_raw_features(checked.where(tables.is_clean()), inputs)
         steps, _, quality = _split(clean, [], cfg, counts["rows_clean"], *_quality_columns(source))
@@ -177,7 +177,7 @@ def _text_etl(spark: SparkSession, cfg: PipelineConfig) -> dict:
     tokenized = partial(text.tokenize, source=source)
     with tables.checked_table(spark, source, files, _scratch(cfg), check=tokenized) as checked:
         counts, reasons = _quarantine(checked, tables.is_clean(), cfg)
-        tables.check_duplicates(reasons, source)
+        tables.check_duplicates(checked, reasons, source, cfg.quarantine_dir)
         clean, classes = _encoded_labels(checked.where(tables.is_clean()), source.label)
         clean = text.with_length(clean.withColumn("text", F.col(source.text_column)), source.max_length)
         declared, never_null = _quality_columns(source)

@@ -30,6 +30,7 @@ from pipelines.spark import small_generated_methods
 CORRUPT_RECORD = "_corrupt_record"
 NUMERIC_TYPES = ("int", "long", "float", "double")
 DUPLICATE_KEY = "duplicate key: an earlier row has the same key (first kept)"
+SHOWN_REPEATS = 3  # repeats named when duplicates fail the job
 log = logging.getLogger("dlpipe.etl")
 _INTEGER_TEXT = r"^\s*[+-]?\d+\s*$"  # Spark's cast truncates "1.5" to 1; an int column must hold an integer
 _BLANK_LINE = r"^[\x00-\x20]*$"  # what Java's String.trim() removes: CSV skips such lines
@@ -339,13 +340,17 @@ def is_clean() -> Column:
     return F.col("reason").isNull()
 
 
-def check_duplicates(reasons: dict[str, int], source: FileSource) -> None:
-    """Raise when rows repeat a key and the source says duplicates fail the job."""
+def check_duplicates(checked: DataFrame, reasons: dict[str, int], source: FileSource, quarantine_dir: Path) -> None:
+    """Raise when rows repeat a key and the source says duplicates fail the job, naming a few of the repeats (their
+    records and files, from the `checked_table` rows) and the quarantine that holds them all."""
     repeated = reasons.get(DUPLICATE_KEY, 0)
     if repeated and source.duplicates == "fail":
         key = ", ".join(source.key_columns) or "record hash"
-        raise DataError(f"{repeated} rows repeat an earlier row's key '{key}' "
-                        f"and source.duplicates is 'fail'")
+        shown = checked.where(F.col("reason") == DUPLICATE_KEY).select("record", "source_file").limit(SHOWN_REPEATS)
+        examples = "; ".join(f"{row.record} in {row.source_file}" for row in shown.collect())
+        rows = f"{repeated} rows repeat" if repeated > 1 else "1 row repeats"
+        raise DataError(f"{rows} an earlier row's key '{key}' and source.duplicates is 'fail': e.g. {examples}; "
+                        f"every repeat is in the quarantine at {quarantine_dir}")
 
 
 def feature_columns(source: TableSource) -> tuple[list[str], list[str]]:

@@ -402,8 +402,12 @@ def test_duplicates_fail_the_job_when_declared(spark, tmp_path):
     path = tmp_path / "dup.csv"
     path.write_text("\n".join([HEADER, *(csv_line(clean_row(i)) for i in (0, 1, 2, 1))]) + "\n")
     cfg = table_config(path, tmp_path / "run", source={"duplicates": "fail"})
-    with pytest.raises(DataError, match="1 rows repeat an earlier row's key 'id' and source.duplicates is 'fail'"):
+    with pytest.raises(DataError) as raised:
         run_etl(cfg)
+    repeat = json.dumps({k: str(v) for k, v in clean_row(1).items() if v is not None}, separators=(",", ":"))
+    assert str(raised.value) == (
+        f"1 row repeats an earlier row's key 'id' and source.duplicates is 'fail': e.g. {repeat} in "
+        f"{path.resolve().as_uri()}; every repeat is in the quarantine at {cfg.quarantine_dir}")
 
 
 @pytest.mark.parametrize("header, problem", [
