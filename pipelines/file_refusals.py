@@ -1,8 +1,9 @@
-"""Spark's refusals of a whole input file, as DataErrors that name the file and what is wrong with it.
+"""Refusals of a whole input file, as DataErrors that name the file and what is wrong with it.
 
 A CSV header unlike the declared columns, a Parquet column stored in another type than in the other files, a file
 that is not Parquet at all, a compressed file cut short: Spark fails the task that reads the file, and the job
-would end in a JVM stack trace. `file_refusals_named` turns them into one line for the operator.
+would end in a JVM stack trace. `file_refusals_named` turns them into one line for the operator. A file that is not
+text at all (a zip, a workbook) is refused before Spark reads it (`refuse_files_not_text`).
 """
 from __future__ import annotations
 
@@ -33,6 +34,18 @@ _NAMED = (  # (what Spark says, naming the file; what dlpipe says)
     (re.compile(r"(?P<file>\S+) is not a Parquet file\. (?P<detail>[^\n]*)"),
      "Parquet file {file}: not a Parquet file ({detail})"),
 )
+# Files a text source (CSV, JSON Lines) cannot read, known by their first bytes: Spark would read them as lines of
+# binary noise, and the first complaint would be about the header or every line. Hadoop decompresses by file name,
+# so a compressed stream is refused only without such a name.
+_NOT_TEXT = (
+    (b"PK\x03\x04", "a zip archive (an Excel .xlsx workbook is one too)"),
+    (b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1", "an Office document (e.g. an Excel .xls workbook)"),
+    (b"PAR1", "a Parquet file (source.kind parquet reads Parquet)"),
+    (b"7z\xbc\xaf\x27\x1c", "a 7z archive"),
+    (b"\x1f\x8b", "gzip-compressed without the .gz name Spark decompresses by"),
+    (b"\x28\xb5\x2f\xfd", "zstd-compressed"),
+)
+_DECOMPRESSED_BY_NAME = (".gz", ".bz2", ".deflate", ".lz4", ".snappy", ".zst")
 _CUT_SHORT = "Unexpected end of input stream"  # Hadoop's decompressors; Spark does not name the file
 _DECOMPRESSED = {".gz": gzip.open, ".bz2": bz2.open}
 
@@ -46,6 +59,20 @@ def _cut_short(path: Path) -> bool:
     except (EOFError, OSError, zlib.error):  # cut short; or damaged (a bad header or checksum)
         return True
     return False
+
+
+def refuse_files_not_text(files: Sequence[Path], what: str) -> None:
+    """DataError naming the first of a text source's `files` whose first bytes say it is not text (an archive, a
+    workbook, Parquet, a compressed stream without its name); `what` names the source's format."""
+    for path in files:
+        if path.suffix in _DECOMPRESSED_BY_NAME:
+            continue
+        with open(path, "rb") as stream:
+            head = stream.read(8)
+        kind = next((kind for start, kind in _NOT_TEXT if head.startswith(start)), None)
+        if kind:
+            raise DataError(f"{what} file {path}: {kind}, not text; a {what} source reads text files, plain or "
+                            f"compressed as .gz or .bz2")
 
 
 def refusal(spark_says: str, files: Sequence[Path]) -> str | None:

@@ -23,7 +23,7 @@ from pyspark.sql.types import DoubleType, FloatType, StringType, StructField, St
 from jobs.config import ColumnSpec, TableSource, TextSource, TimeSeriesSource
 from pipelines.caching import kept_as_parquet, materialized
 from pipelines.errors import DataError
-from pipelines.file_refusals import file_refusals_named
+from pipelines.file_refusals import file_refusals_named, refuse_files_not_text
 from pipelines.quarantine import is_quarantined
 from pipelines.spark import small_generated_methods
 
@@ -104,6 +104,7 @@ def _read(spark: SparkSession, source: FileSource, files: list[Path]) -> DataFra
     if source.file_format == "parquet":
         _check_parquet_columns(source, files)
         return spark.read.parquet(*paths).withColumn(CORRUPT_RECORD, F.lit(None).cast("string"))
+    refuse_files_not_text(files, "CSV" if source.file_format == "csv" else "JSON Lines")
     if source.file_format == "json":
         return _read_json_lines(spark, _as_text(source), paths)
     parsed = _parsed_by_reader(source)

@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import re
+import zipfile
 from datetime import date, datetime
 from pathlib import Path
 
@@ -358,6 +359,33 @@ def test_a_parquet_file_lacking_a_declared_column_fails_naming_it(spark, tmp_pat
 
 def _gzip_csv(rows: range) -> bytes:
     return gzip.compress(("\n".join([HEADER, *(csv_line(clean_row(i)) for i in rows)]) + "\n").encode())
+
+
+def _zipped_csv(path: Path) -> None:
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("rows.csv", "\n".join([HEADER, *(csv_line(clean_row(i)) for i in range(3))]) + "\n")
+
+
+@pytest.mark.parametrize("name, write, kind", [
+    ("rows.zip", _zipped_csv, "a zip archive (an Excel .xlsx workbook is one too)"),
+    ("rows.csv", lambda path: pq.write_table(pa.Table.from_pylist([clean_row(0)]), path),
+     "a Parquet file (source.kind parquet reads Parquet)"),
+    ("rows.csv", lambda path: path.write_bytes(_gzip_csv(range(3))), "gzip-compressed without the .gz name Spark "
+     "decompresses by"),
+])
+@pytest.mark.parametrize("file_format", ["csv", "json"])
+def test_a_file_that_is_not_text_in_a_text_source_fails_naming_it_and_what_it_is(spark, tmp_path, name, write, kind,
+                                                                                file_format):
+    """Spark would read it as lines of binary noise, and complain about the header (CSV) or quarantine every line."""
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "good.txt").write_text("\n".join([HEADER, csv_line(clean_row(9))]) + "\n")
+    write(tmp_path / "in" / name)
+    cfg = table_config(tmp_path / "in", tmp_path / "run", kind=file_format)
+    what = "CSV" if file_format == "csv" else "JSON Lines"
+    with pytest.raises(DataError, match=re.escape(
+            f"{what} file {tmp_path / 'in' / name}: {kind}, not text; a {what} source reads text files, plain or "
+            f"compressed as .gz or .bz2")):
+        ingest_table(spark, cfg.source, source_files(cfg.source.path))
 
 
 def test_a_gzip_csv_cut_short_fails_naming_it(spark, tmp_path):
