@@ -126,6 +126,14 @@ class _FileTableSource(_Strict):
         return encoding
 
     @model_validator(mode="after")
+    def _lines_end_at_a_newline_byte(self) -> "_FileTableSource":
+        newline = "\n\n".encode(self.encoding)[len("\n".encode(self.encoding)):]  # past any byte-order mark
+        if newline != b"\n" and not self.multiline:
+            raise ValueError(f"source.encoding {self.encoding} needs source.multiline: true (Spark splits lines at "
+                             f"the byte \\n, which {self.encoding} text does not hold on its own)")
+        return self
+
+    @model_validator(mode="after")
     def _csv_options_for_csv_only(self) -> "_FileTableSource":
         if self.file_format != "csv":
             changed = [name for name in _CSV_ONLY if getattr(self, name) != type(self).model_fields[name].default]

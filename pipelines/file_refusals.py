@@ -8,6 +8,7 @@ text at all (a zip, a workbook) is refused before Spark reads it (`refuse_files_
 from __future__ import annotations
 
 import bz2
+import codecs
 import gzip
 import re
 import zlib
@@ -46,6 +47,7 @@ _NOT_TEXT = (
     (b"\x28\xb5\x2f\xfd", "zstd-compressed"),
 )
 _DECOMPRESSED_BY_NAME = (".gz", ".bz2", ".deflate", ".lz4", ".snappy", ".zst")
+_UTF16_MARKS = (b"\xff\xfe", b"\xfe\xff")  # little- and big-endian byte-order marks
 _CUT_SHORT = "Unexpected end of input stream"  # Hadoop's decompressors; Spark does not name the file
 _DECOMPRESSED = {".gz": gzip.open, ".bz2": bz2.open}
 
@@ -61,9 +63,10 @@ def _cut_short(path: Path) -> bool:
     return False
 
 
-def refuse_files_not_text(files: Sequence[Path], what: str) -> None:
+def refuse_files_not_text(files: Sequence[Path], what: str, encoding: str = "UTF-8") -> None:
     """DataError naming the first of a text source's `files` whose first bytes say it is not text (an archive, a
-    workbook, Parquet, a compressed stream without its name); `what` names the source's format."""
+    workbook, Parquet, a compressed stream without its name), or is UTF-16 text read as another `encoding` (Excel's
+    "Unicode text"); `what` names the source's format."""
     for path in files:
         if path.suffix in _DECOMPRESSED_BY_NAME:
             continue
@@ -73,6 +76,11 @@ def refuse_files_not_text(files: Sequence[Path], what: str) -> None:
         if kind:
             raise DataError(f"{what} file {path}: {kind}, not text; a {what} source reads text files, plain or "
                             f"compressed as .gz or .bz2")
+        if head.startswith(_UTF16_MARKS) and not codecs.lookup(encoding).name.startswith("utf-16"):
+            how = ("set source.encoding: UTF-16 and source.multiline: true" if what == "CSV"
+                   else f"a {what} source reads UTF-8: convert it")
+            raise DataError(f"{what} file {path}: UTF-16 text (it starts with a UTF-16 byte-order mark), read as "
+                            f"{encoding}; {how}")
 
 
 def refusal(spark_says: str, files: Sequence[Path]) -> str | None:

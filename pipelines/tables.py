@@ -16,11 +16,12 @@ from typing import Callable, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from py4j.protocol import Py4JError
 from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 from pyspark.sql.types import DoubleType, FloatType, StringType, StructField, StructType
 
-from jobs.config import ColumnSpec, TableSource, TextSource, TimeSeriesSource
+from jobs.config import ColumnSpec, ConfigError, TableSource, TextSource, TimeSeriesSource
 from pipelines.caching import kept_as_parquet, materialized
 from pipelines.errors import DataError
 from pipelines.file_refusals import file_refusals_named, refuse_files_not_text
@@ -99,14 +100,28 @@ def _check_parquet_columns(source: FileSource, files: list[Path]) -> None:
             raise DataError(f"Parquet file {path} lacks the declared column(s) {', '.join(missing)} (source.columns)")
 
 
+def _check_java_knows(spark: SparkSession, encoding: str) -> None:
+    """ConfigError unless the JVM, which decodes the CSV, knows `encoding` (the config checks it against Python's
+    codecs, which also know names such as utf-8-sig or latin_1 that Java does not)."""
+    charset = spark.sparkContext._jvm.java.nio.charset.Charset
+    try:
+        known = charset.isSupported(encoding)
+    except Py4JError:  # IllegalCharsetNameException
+        known = False
+    if not known:
+        raise ConfigError(f"source.encoding {encoding!r} is not a charset name Java knows (e.g. UTF-8, ISO-8859-1, "
+                          f"windows-1252, UTF-16)")
+
+
 def _read(spark: SparkSession, source: FileSource, files: list[Path]) -> DataFrame:
     paths = [str(f) for f in files]
     if source.file_format == "parquet":
         _check_parquet_columns(source, files)
         return spark.read.parquet(*paths).withColumn(CORRUPT_RECORD, F.lit(None).cast("string"))
-    refuse_files_not_text(files, "CSV" if source.file_format == "csv" else "JSON Lines")
+    refuse_files_not_text(files, "CSV" if source.file_format == "csv" else "JSON Lines", source.encoding)
     if source.file_format == "json":
         return _read_json_lines(spark, _as_text(source), paths)
+    _check_java_knows(spark, source.encoding)
     parsed = _parsed_by_reader(source)
     schema = StructType([StructField(c.name, _PARSED_BY_CSV_READER[c.type] if c.name in parsed else StringType())
                          for c in source.columns]).add(CORRUPT_RECORD, StringType())

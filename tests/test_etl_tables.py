@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.config import PipelineConfig, validate_config
+from jobs.config import ConfigError, PipelineConfig, validate_config
 from jobs.etl import UNKNOWN_CATEGORY, run_etl
 from pipelines.caching import kept_as_parquet
 from pipelines.errors import DataError
@@ -261,6 +261,24 @@ def test_text_is_decoded_with_the_declared_encoding_and_undecodable_bytes_are_qu
                                         ("square", None)]
     with pytest.raises(ValueError, match="unknown encoding 'latin-9000'"):
         table_config(path, tmp_path / "run", source={"encoding": "latin-9000"})
+    with pytest.raises(ConfigError, match="source.encoding 'latin_1' is not a charset name Java knows"):
+        _ingested(spark, path, encoding="latin_1")  # Python knows that name, the JVM that decodes does not
+
+
+def test_utf16_text_is_read_when_declared_and_named_when_not(spark, tmp_path):
+    """Excel's "Unicode text" is UTF-16: read as UTF-8 it failed on a header of NUL bytes; declared UTF-16 without
+    multiline, every line was quarantined (Spark splits lines at the byte \\n)."""
+    rows = [clean_row(i) for i in range(3)]
+    rows[1]["shape"] = "carré"
+    path = tmp_path / "rows.csv"
+    path.write_text(_csv_text(rows), encoding="utf-16")
+    assert _ingested(spark, path, encoding="UTF-16", multiline=True)["1"] == ("carré", None)
+    with pytest.raises(DataError, match=re.escape(f"CSV file {path}: UTF-16 text (it starts with a UTF-16 byte-order "
+                                                  "mark), read as UTF-8; set source.encoding: UTF-16 and "
+                                                  "source.multiline: true")):
+        _ingested(spark, path)
+    with pytest.raises(ValueError, match=r"source.encoding UTF-16 needs source.multiline: true"):
+        table_config(path, tmp_path / "run", source={"encoding": "UTF-16"})
 
 
 def test_values_spanning_lines_are_read_whole_when_declared_multiline_and_quarantined_with_a_hint_if_not(
