@@ -707,7 +707,10 @@ class PipelineConfig(_Strict):
         return yaml.safe_dump(self.loggable(), sort_keys=False)
 
 
-_SECRET_NAME = re.compile(r"password|passwd|secret|token|api[_.-]?key|access[_.-]?key|credential", re.IGNORECASE)
+# `token` only as a key's last word (`session.token`, `auth_token`): `token_pattern` and `min_token_length` are text
+# settings, which lineage needs to see
+_SECRET_NAME = re.compile(r"password|passwd|secret|(?:^|[_.-])token$|api[_.-]?key|access[_.-]?key|credential",
+                          re.IGNORECASE)
 _URI_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
 MASK = "***"
 

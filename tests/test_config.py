@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from jobs.config import ConfigError, load_config, parse_override
+from jobs.config import DEFAULT_TOKEN_PATTERN, ConfigError, load_config, parse_override
 
 DIGITS = Path(__file__).resolve().parents[1] / "conf" / "digits_cnn.yaml"
 
@@ -158,18 +158,26 @@ def test_malformed_override_is_rejected(text):
 def test_secrets_are_masked_in_everything_that_gets_logged():
     cfg = load_config(DIGITS, [
         "spark.conf={spark.hadoop.fs.s3a.secret.key: hunter2, spark.hadoop.fs.s3a.access.key: AKIA123, "
-        "spark.executor.cores: '2'}",
+        "spark.hadoop.fs.s3a.session.token: tok3n, spark.executor.cores: '2'}",
         "mlflow.tracking_uri=https://alice:s3cr3t@mlflow.example.com",
     ])
     params = cfg.as_params()
     assert params["spark.conf.spark.hadoop.fs.s3a.secret.key"] == "***"
     assert params["spark.conf.spark.hadoop.fs.s3a.access.key"] == "***"
+    assert params["spark.conf.spark.hadoop.fs.s3a.session.token"] == "***"
     assert params["spark.conf.spark.executor.cores"] == "2"
     assert params["mlflow.tracking_uri"] == "https://***@mlflow.example.com"
     assert params["train.optimizer.lr"] == 0.002
     logged = cfg.to_yaml()
-    assert "hunter2" not in logged and "AKIA123" not in logged and "s3cr3t" not in logged
+    assert "hunter2" not in logged and "AKIA123" not in logged and "s3cr3t" not in logged and "tok3n" not in logged
     assert cfg.tracking_uri == "https://alice:s3cr3t@mlflow.example.com"  # the job itself still has it
+
+
+def test_text_settings_named_after_tokens_are_logged_not_masked():
+    """`token_pattern` and `min_token_length` are not secrets: lineage must show how the text was split."""
+    params = load_config(DIGITS.with_name("text_classification.yaml")).as_params()
+    assert params["source.token_pattern"] == DEFAULT_TOKEN_PATTERN
+    assert params["source.min_token_length"] == 1
 
 
 def test_the_ridge_baseline_regresses_on_the_whole_window_unless_told_otherwise(tmp_path):
