@@ -315,7 +315,7 @@ def checked_table(spark: SparkSession, source: FileSource, files: list[Path], sc
         clean = rows.where(is_clean())
         keys, repeated = kept.enter_context(
             materialized(clean.groupBy("id").count().where(F.col("count") > 1).select("id")))
-        log.info("%d key(s) repeat on clean rows (%s)", repeated, ", ".join(source.key_columns) or "record hash")
+        log.info("%d key(s) repeat on clean rows (%s)", repeated, _key_name(source))
         if not repeated:
             yield rows
             return
@@ -356,12 +356,17 @@ def is_clean() -> Column:
     return F.col("reason").isNull()
 
 
+def _key_name(source: FileSource) -> str:
+    """The row key as a message names it: its column(s), or the record hash."""
+    return ", ".join(source.key_columns) or "record hash"
+
+
 def check_duplicates(checked: DataFrame, reasons: dict[str, int], source: FileSource, quarantine_dir: Path) -> None:
     """Raise when rows repeat a key and the source says duplicates fail the job, naming a few of the repeats (their
     records and files, from the `checked_table` rows) and the quarantine that holds them all."""
     repeated = reasons.get(DUPLICATE_KEY, 0)
     if repeated and source.duplicates == "fail":
-        key = ", ".join(source.key_columns) or "record hash"
+        key = _key_name(source)
         shown = checked.where(F.col("reason") == DUPLICATE_KEY).select("record", "source_file").limit(SHOWN_REPEATS)
         examples = "; ".join(f"{row.record} in {row.source_file}" for row in shown.collect())
         rows = f"{repeated} rows repeat" if repeated > 1 else "1 row repeats"
