@@ -22,7 +22,7 @@ from dl.arrow_loader import list_column_to_numpy
 from dl.clustering import DecLoss, target_distribution
 from dl.losses import build_loss
 from dl.metrics import AnomalyMeter, ClassificationMeter, ClusteringMeter, RegressionMeter, calibrate_threshold
-from jobs.config import AnomalyConf, DecConf, EarlyStoppingConf, LossConf, TrainConf
+from jobs.config import AnomalyConf, ConfigError, DecConf, EarlyStoppingConf, LossConf, PromoteConf, TrainConf
 
 # Serving output column types (the Spark scorer and the MLflow signature map them): int, float, boolean, array<float>.
 OutputColumns = dict[str, str]
@@ -43,6 +43,7 @@ class Task:
     directions: dict[str, str] = {"loss": "min", "accuracy": "max", "precision_macro": "max", "recall_macro": "max",
                                   "f1_macro": "max"}
     default_stopping = ("val_accuracy", "max")
+    promoted_on = "test_accuracy"  # the promotion gate's default metric
     logged = ("loss", "accuracy", "f1_macro")  # what the per-epoch log line shows
     losses: tuple[str, ...] | None = None  # the train.loss names that fit the task (None: any)
     calibrated = False  # whether `calibrate` fits state on the validation split after training
@@ -68,6 +69,17 @@ class Task:
                              f"use one of {known}")
         mode = conf.early_stopping.mode or self.directions[name]
         return conf.early_stopping.model_copy(update={"metric": metric, "mode": mode})
+
+    @classmethod
+    def promotion(cls, conf: PromoteConf) -> PromoteConf:
+        """The promotion gate's settings with the task's defaults filled in: `promoted_on`, in its direction."""
+        metric = conf.metric or cls.promoted_on
+        mode = conf.mode or cls.directions.get(metric.removeprefix("test_"))
+        if mode is None:
+            raise ConfigError(f"'promote.mode': which way is better for promote.metric {metric!r} is not known for "
+                              f"the {cls.kind} task (it knows {', '.join(f'test_{n}' for n in cls.directions)}); "
+                              f"set promote.mode to max or min")
+        return conf.model_copy(update={"metric": metric, "mode": mode})
 
     def training_batch(self, batch: dict) -> dict:
         """The rows of `batch` that fit the model (all of them, unless the task says otherwise)."""
@@ -129,6 +141,7 @@ class RegressionTask(Task):
     columns = ("features", "target", "id")
     directions = {"loss": "min", "mae": "min", "mse": "min", "rmse": "min"}
     default_stopping = ("val_loss", "min")
+    promoted_on = "test_mae"  # not test_loss: versions trained with different losses stay comparable
     logged = ("loss", "mae", "rmse")
     losses = FLOAT_TARGET_LOSSES
 
@@ -175,6 +188,7 @@ class AnomalyTask(Task):
     kind = "anomaly"
     directions = {"loss": "min", "score_mean": "min", "auroc": "max", "auprc": "max"}
     default_stopping = ("val_loss", "min")
+    promoted_on = "test_loss"  # the reconstruction error: every dataset has it (AUROC needs normal_label)
     logged = ("loss", "auroc", "auprc")
     losses = FLOAT_TARGET_LOSSES
     calibrated = True
@@ -265,6 +279,7 @@ class ClusteringTask(Task):
     kind = "clustering"
     directions = {"loss": "min", "nmi": "max", "ari": "max", "silhouette": "max"}
     default_stopping = ("val_silhouette", "max")  # label-free: labels only measure
+    promoted_on = "test_silhouette"
     logged = ("loss", "nmi", "ari", "silhouette")
     losses = FLOAT_TARGET_LOSSES  # the reconstruction loss: pre-training, and the optional refinement term
 
@@ -326,15 +341,27 @@ class ClusteringTask(Task):
         return {"cluster": cluster.cpu().numpy().astype(np.int64), "distance": distance.float().cpu().numpy()}
 
 
-def build_task(model_conf, classes: list[str], anomaly: AnomalyConf | None = None) -> Task:
-    """The task of a model config: CNNs classify; MLPs and RNNs classify or regress (`model.task`); autoencoders
-    (dense or LSTM) detect anomalies; DEC models cluster."""
+def task_type(model_conf) -> type[Task]:
+    """The task a model config trains for: CNNs classify; MLPs and RNNs classify or regress (`model.task`);
+    autoencoders (dense or LSTM) detect anomalies; DEC models cluster."""
     if model_conf.kind in ("autoencoder", "lstm_autoencoder"):
+        return AnomalyTask
+    if model_conf.kind == "dec":
+        return ClusteringTask
+    if getattr(model_conf, "task", "classification") == "regression":
+        return RegressionTask
+    return ClassificationTask
+
+
+def build_task(model_conf, classes: list[str], anomaly: AnomalyConf | None = None) -> Task:
+    """The task object of a model config (`task_type`) for a dataset with `classes`."""
+    kind = task_type(model_conf)
+    if kind is AnomalyTask:
         min_rows = 2 if getattr(model_conf, "batch_norm", False) else 1
         return AnomalyTask(0, anomaly or AnomalyConf(), classes, min_rows=min_rows)
-    if model_conf.kind == "dec":
+    if kind is ClusteringTask:
         return ClusteringTask(model_conf, classes)
-    if getattr(model_conf, "task", "classification") == "regression":
+    if kind is RegressionTask:
         return RegressionTask(model_conf.outputs)
     if not classes:
         raise ValueError(f"a {model_conf.kind} classifier needs a labelled dataset (manifest classes is empty)")

@@ -473,6 +473,7 @@ class SchedulerConf(_Strict):
 
 
 class LossConf(_Strict):
+    # in a pipeline config the default is the model's: cross_entropy for a classifier, mse for the others
     name: Literal["cross_entropy", "bce", "focal", "mse", "mae", "huber"] = "cross_entropy"
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)  # cross_entropy
     class_weights: list[Annotated[float, Field(gt=0.0)]] | None = None  # cross_entropy, focal: one per class
@@ -578,8 +579,10 @@ class ScoreConf(_Strict):
 class PromoteConf(_Strict):
     """The promotion gate: the challenger becomes `champion` only if it beats it on `metric`."""
 
-    metric: str = "test_accuracy"  # a metric logged on the model version's training run
-    mode: Literal["max", "min"] = "max"
+    # a metric logged on the model version's training run; default: the model's task's (test_accuracy for a
+    # classifier, test_mae for regression, test_loss for anomaly detection, test_silhouette for clustering)
+    metric: str | None = None
+    mode: Literal["max", "min"] | None = None  # default: the metric's direction, when the task knows it
     min_delta: float = Field(0.0, ge=0.0)
     smoke_rows: PositiveInt = 64  # rows of the test split scored by the real Spark scorer before promotion
 
@@ -602,6 +605,22 @@ class PipelineConfig(_Strict):
     # when set, every path above must lie inside one of these folders (after `..` and symlinks are resolved)
     roots: list[Path] | None = Field(None, min_length=1)
     _from_environment: dict[tuple, str] = PrivateAttr(default_factory=dict)  # key path -> "${NAME}" as written
+
+    @model_validator(mode="before")
+    @classmethod
+    def _loss_of_the_model(cls, data: Any) -> Any:
+        """Without train.loss.name, the loss the model's task takes: cross_entropy for a classifier (a CNN, an MLP or
+        RNN with task classification), mse for regression and for the reconstruction of autoencoders and DEC."""
+        if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
+            return data
+        model, train = data["model"], data.get("train") or {}
+        loss = (train.get("loss") or {}) if isinstance(train, dict) else None
+        if not isinstance(loss, dict) or "name" in loss:
+            return data
+        classifies = model.get("kind") == "cnn" or (model.get("kind") in ("mlp", "rnn")
+                                                    and model.get("task", "classification") == "classification")
+        name = "cross_entropy" if classifies else "mse"
+        return {**data, "train": {**train, "loss": {**loss, "name": name}}}
 
     @model_validator(mode="after")
     def _augment_images_only(self) -> "PipelineConfig":

@@ -7,9 +7,16 @@ import mlflow
 from mlflow import MlflowClient
 
 from dl.promotion import SmokeTest, promote
-from jobs.config import PipelineConfig
+from dl.tasks import task_type
+from jobs.config import PipelineConfig, PromoteConf
 from jobs.stage import stage
 from pipelines.spark import spark_session
+
+
+def gate_settings(cfg: PipelineConfig) -> PromoteConf:
+    """`promote` with the model's task's defaults filled in (metric and its direction); ConfigError when neither
+    the config nor the task says which way the metric is better."""
+    return task_type(cfg.require_model("the promote stage")).promotion(cfg.promote)
 
 
 def run_promote(cfg: PipelineConfig, version: str | None = None, force: bool = False) -> dict:
@@ -24,8 +31,9 @@ def run_promote(cfg: PipelineConfig, version: str | None = None, force: bool = F
         batch_size=cfg.score.batch_size,
     )
     client = MlflowClient(tracking_uri=cfg.tracking_uri, registry_uri=cfg.tracking_uri)
+    gate = gate_settings(cfg)
     with stage("promote") as summary:
-        decision = promote(client, cfg.registered_model_name, cfg.promote, smoke_test, version=version, force=force)
+        decision = promote(client, cfg.registered_model_name, gate, smoke_test, version=version, force=force)
         summary.update(
             model=decision.model_name,
             version=decision.candidate_version,

@@ -109,6 +109,10 @@ def run_stages(
     stages = selected_stages(start, only)
     if "train" in stages:
         cfg.require_model("the train stage")  # before the ETL runs, not after
+    if "promote" in stages:
+        from jobs.promote import gate_settings
+
+        gate_settings(cfg)  # a gate that cannot judge fails before training, not after
     markers: dict[str, dict] = {}
     with pipeline_lock(cfg):
         for stage in stages:

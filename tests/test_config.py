@@ -189,3 +189,25 @@ def test_the_ridge_baseline_regresses_on_the_whole_window_unless_told_otherwise(
     assert load_config(path, ["source.window.length=6", "source.baseline_lags=3"]).source.ridge_lags == 3
     with pytest.raises(ConfigError, match="source.baseline_lags 7 exceeds window.length 6"):
         load_config(path, ["source.window.length=6", "source.baseline_lags=7"])
+
+
+@pytest.mark.parametrize("conf, model, loss", [
+    ("digits_cnn.yaml", {"kind": "cnn"}, "cross_entropy"),
+    ("seattle_weather_rnn.yaml", {"kind": "rnn", "task": "regression"}, "mse"),
+    ("seattle_weather_rnn.yaml", {"kind": "rnn"}, "cross_entropy"),
+    ("breast_cancer_anomaly.yaml", {"kind": "autoencoder"}, "mse"),
+    ("breast_cancer_anomaly.yaml", {"kind": "mlp", "task": "regression"}, "mse"),
+    ("digits_dec.yaml", {"kind": "dec"}, "mse"),
+])
+def test_without_a_loss_name_the_model_gets_its_task_s_loss(tmp_path, conf, model, loss):
+    """A regression or reconstruction model with no train.loss.name gets mse, not cross_entropy (which its task
+    refuses); the resolved name is what `dlpipe validate` prints and MLflow logs."""
+    data = yaml.safe_load(DIGITS.with_name(conf).read_text())
+    data["model"] = model
+    data["train"]["loss"] = {"l2": 0.001}
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(data))
+    cfg = load_config(path)
+    assert (cfg.train.loss.name, cfg.train.loss.l2) == (loss, 0.001)
+    assert cfg.as_params()["train.loss.name"] == loss
+    assert load_config(path, ["train.loss.name=huber"]).train.loss.name == "huber"  # a name given is kept

@@ -22,9 +22,10 @@ from dl.metrics import calibrate_threshold, ranking_metrics, threshold_metrics
 from dl.models import build_model
 from dl.petastorm_reader import split_dir
 from dl.serving import ServingModel
-from dl.tasks import AnomalyTask, RegressionTask, build_task
+from dl.tasks import AnomalyTask, RegressionTask, build_task, task_type
 from dl.trainer import evaluate, fit
-from jobs.config import AnomalyConf, AutoencoderConf, LossConf, MlpConf, TrainConf
+from jobs.config import (AnomalyConf, AutoencoderConf, CnnConf, ConfigError, DecConf, LossConf, MlpConf, PromoteConf,
+                         RnnConf, TrainConf)
 from pipelines.evaluation import anomaly_report, regression_report
 from pipelines.scaling import FittedScaler
 from pipelines.scoring import score_parquet
@@ -298,3 +299,27 @@ def test_dec_soft_assignment_and_target_distribution_by_hand():
     expected_kl = float((p * (p / q).log()).sum() / 3)
     assert float(dec_loss(q, p)) == pytest.approx(expected_kl, rel=1e-5)
     assert float(dec_loss(p, p)) == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("model, promoted_on, mode", [
+    (CnnConf(kind="cnn"), "test_accuracy", "max"),
+    (RnnConf(kind="rnn", task="regression"), "test_mae", "min"),
+    (AUTOENCODER, "test_loss", "min"),
+    (DecConf(kind="dec"), "test_silhouette", "max"),
+])
+def test_the_promotion_gate_defaults_to_the_task_s_metric_in_its_direction(model, promoted_on, mode):
+    gate = task_type(model).promotion(PromoteConf())
+    assert (gate.metric, gate.mode) == (promoted_on, mode)
+
+
+def test_a_promotion_metric_is_judged_in_its_own_direction_unless_told():
+    """promote.metric test_mae alone must not promote the higher error (mode used to default to max)."""
+    regression = task_type(RnnConf(kind="rnn", task="regression"))
+    assert regression.promotion(PromoteConf(metric="test_rmse")).mode == "min"
+    assert regression.promotion(PromoteConf(metric="test_rmse", mode="max")).mode == "max"  # as written
+    assert task_type(AUTOENCODER).promotion(PromoteConf(metric="test_auroc")).mode == "max"
+    with pytest.raises(ConfigError, match=r"'promote.mode': which way is better for promote.metric 'test_f1' is not "
+                                          r"known for the anomaly task \(it knows test_loss, test_score_mean, "
+                                          r"test_auroc, test_auprc\); set promote.mode to max or min"):
+        task_type(AUTOENCODER).promotion(PromoteConf(metric="test_f1"))
+    assert task_type(AUTOENCODER).promotion(PromoteConf(metric="test_f1", mode="max")).metric == "test_f1"

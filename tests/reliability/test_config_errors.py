@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from jobs.config import ConfigError, load_config
+from jobs.run import run_stages
 
 DIGITS = Path(__file__).resolve().parents[2] / "conf" / "digits_cnn.yaml"
 
@@ -32,3 +33,13 @@ def test_a_window_frequency_must_be_a_positive_fixed_duration(frequency):
     with pytest.raises(ConfigError, match=rf"'source\.window\.frequency': '{frequency}' is not a positive fixed "
                                           r"duration such as '1 day', '1h' or '15min'$"):
         load_config(weather, [f"source.window.frequency={frequency}"])
+
+
+def test_a_promotion_gate_that_cannot_judge_stops_a_run_before_its_etl(tmp_path):
+    """The anomaly task does not know which way test_f1 is better: a whole run is refused before the ETL and
+    training, not after them."""
+    anomaly = DIGITS.parent / "breast_cancer_anomaly.yaml"
+    overrides = [f"run_dir={tmp_path / 'run'}", "promote.metric=test_f1", "promote.mode=null"]
+    with pytest.raises(ConfigError, match=r"^'promote\.mode': which way is better for promote\.metric 'test_f1'"):
+        run_stages(anomaly, overrides)
+    assert not (tmp_path / "run").exists()
