@@ -29,6 +29,7 @@ from pipelines.quarantine import is_quarantined
 from pipelines.spark import small_generated_methods
 
 CORRUPT_RECORD = "_corrupt_record"
+_LINE = "_line"  # JSON Lines: the line a row was parsed from, its record when quarantined
 NUMERIC_TYPES = ("int", "long", "float", "double")
 DUPLICATE_KEY = "duplicate key: an earlier row has the same key (first kept)"
 SHOWN_REPEATS = 3  # repeats named when duplicates fail the job
@@ -143,6 +144,7 @@ def _read_json_lines(spark: SparkSession, text: StructType, paths: list[str]) ->
     text and parsed here. Spark's parser also stops after the first value of a line, so a line holding more (two
     objects whose newline was lost, trailing garbage) is found by counting the elements of `[<line>,0]`: exactly
     two when the line is one value. Blank lines (whitespace and control characters only) are not records, as for CSV.
+    Every row keeps its line (`_LINE`): a quarantined row's record is the line as written.
     """
     options = {"mode": "PERMISSIVE", "columnNameOfCorruptRecord": CORRUPT_RECORD}
     lines = spark.read.text(paths).where(~F.col("value").rlike(_BLANK_LINE))
@@ -150,7 +152,7 @@ def _read_json_lines(spark: SparkSession, text: StructType, paths: list[str]) ->
     one_value = F.coalesce(F.json_array_length(F.concat(F.lit("["), F.col("value"), F.lit(",0]"))) == 2, F.lit(False))
     corrupt = F.col(f"row.{CORRUPT_RECORD}").isNotNull() | F.col("row").isNull() | ~one_value
     return parsed.select(*[F.col(f"row.{c.name}").alias(c.name) for c in text.fields if c.name != CORRUPT_RECORD],
-                         F.when(corrupt, F.col("value")).alias(CORRUPT_RECORD))
+                         F.when(corrupt, F.col("value")).alias(CORRUPT_RECORD), F.col("value").alias(_LINE))
 
 
 def _value_problem(spec: ColumnSpec, raw: Column, typed: Column, required: bool) -> Column:
@@ -216,7 +218,13 @@ def _row_reason(source: FileSource) -> Column:
 
 
 def _record(source: FileSource) -> Column:
-    """What was read, for a quarantined row: a malformed line as it is, otherwise its values as JSON text."""
+    """What was read, for a quarantined row: a JSON line as written, otherwise `_values_record`."""
+    return F.col(_LINE) if source.file_format == "json" else _values_record(source)
+
+
+def _values_record(source: FileSource) -> Column:
+    """The row as read: a malformed line as it is, otherwise its values as JSON text (what a keyless row's hash
+    covers, so a JSON line's spacing and key order do not change its key)."""
     parsed = _parsed_by_reader(source)
     values = [(F.col(_raw(c.name)).cast("string") if c.name in parsed else F.col(_raw(c.name))).alias(c.name)
               for c in source.columns]
@@ -276,15 +284,15 @@ def ingest_table(spark: SparkSession, source: FileSource, files: list[Path],
         F.input_file_name().alias("source_file"),
         F.monotonically_increasing_id().alias("position"),
         CORRUPT_RECORD,
-        *([_REREAD] if source.file_format == "csv" else []),
+        *({"csv": [_REREAD], "json": [_LINE]}.get(source.file_format, [])),
         *[F.col(c.name).alias(_raw(c.name)) for c in source.columns],
         *[_typed(c, parsed).alias(c.name) for c in source.columns],
     )
-    helpers = [c for c in typed.columns if c in (CORRUPT_RECORD, _REREAD) or c.startswith(_raw(""))]
+    helpers = [c for c in typed.columns if c in (CORRUPT_RECORD, _REREAD, _LINE) or c.startswith(_raw(""))]
     checked = typed.select(
         "source_file",
         "position",
-        _row_key(source, _record(source)).alias("id"),
+        _row_key(source, _values_record(source)).alias("id"),
         _row_reason(source).alias("reason"),
         *[c.name for c in source.columns if c.name != source.key],
         *helpers,

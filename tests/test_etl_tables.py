@@ -223,6 +223,12 @@ def test_json_lines_malformed_wrong_type_and_missing_fields(spark, tmp_path):
     ])
     malformed = {r["record"] for r in checked if r["reason"] == malformed_reason("json", 6)}
     assert malformed == {"{not json", *lines[-3:]}  # each line whole, so the lost record can be recovered
+    records = {r["reason"]: r["record"] for r in checked if r["reason"] and r["record"] not in malformed}
+    assert records == {  # the line as written (not its values re-serialized as text: `"x":"{\"nested\":1}"`)
+        "column 'x': not a valid double": lines[6],
+        "column 'color': missing required value": lines[7],
+        "column 'label': not one of the allowed values [a, b]": lines[8],
+    }
 
 
 def _csv_text(rows: list[dict], *extra_lines: str) -> str:
