@@ -222,10 +222,12 @@ class ServingModel(mlflow.pyfunc.PythonModel):
             return self._task.serve(self._network(inputs), inputs, self.task_state)
 
     def _placeholders(self, rows: int) -> dict[str, np.ndarray]:
-        """Zero-filled task columns of `rows` rows, of the dtypes `Task.serve` returns."""
+        """Task columns of `rows` rows, of the dtypes `Task.serve` returns: zeros, or None for text."""
         dtypes = {"int": np.int64, "float": np.float32, "boolean": np.bool_}
-        return {name: np.zeros((rows, self._task.num_outputs), np.float32) if kind == "array<float>"
-                else np.zeros(rows, dtypes[kind]) for name, kind in self._task.output_columns.items()}
+        shapes = {"array<float>": (rows, self._task.num_outputs)}
+        return {name: np.full(rows, None, object) if kind == "string"
+                else np.zeros(shapes.get(kind, rows), dtypes.get(kind, np.float32))
+                for name, kind in self._task.output_columns.items()}
 
     def predict_arrays(self, raw: np.ndarray, batch_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Classifiers: raw features [N, D] -> (prediction int64 [N], probability float32 [N, K])."""

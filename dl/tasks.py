@@ -131,7 +131,21 @@ class Task:
 
 
 class ClassificationTask(Task):
-    pass
+    """Classification; with the dataset's class names, serving also names each row's class (`predicted_class`)."""
+
+    def __init__(self, num_outputs: int, classes: list[str] | None = None):
+        super().__init__(num_outputs)
+        self.classes = np.asarray(classes, dtype=object) if classes else None
+
+    @property
+    def output_columns(self) -> OutputColumns:
+        return {**super().output_columns, **({"predicted_class": "string"} if self.classes is not None else {})}
+
+    def serve(self, outputs, inputs, state):
+        columns = super().serve(outputs, inputs, state)
+        if self.classes is not None:
+            columns["predicted_class"] = self.classes[columns["prediction"]]
+        return columns
 
 
 class RegressionTask(Task):
@@ -365,7 +379,7 @@ def build_task(model_conf, classes: list[str], anomaly: AnomalyConf | None = Non
         return RegressionTask(model_conf.outputs)
     if not classes:
         raise ValueError(f"a {model_conf.kind} classifier needs a labelled dataset (manifest classes is empty)")
-    return ClassificationTask(len(classes))
+    return ClassificationTask(len(classes), classes)
 
 
 def as_task(task: Task | int) -> Task:

@@ -17,7 +17,7 @@ from jobs.score import run_score
 from pipelines.errors import DataError
 from pipelines.input_schema import check_parquet_input
 from pipelines.scoring import BadFeatureRow, feature_matrix, score_parquet
-from registry_helpers import WIDTH, network, pipeline_config, register, scaler, tracking
+from registry_helpers import CLASSES, WIDTH, network, pipeline_config, register, scaler, tracking
 from registry_helpers import expected as _expected, raw_rows as _raw, write_dataset as _write_dataset
 
 NAME = "digits-cnn"
@@ -138,6 +138,7 @@ def test_pyfunc_matches_torch_on_scaled_raw_features(registry):
     expected_class, expected_probability = _expected(registry.networks[0], registry.scaler, raw)
     assert out["prediction"].dtype == np.int64
     np.testing.assert_array_equal(out["prediction"].to_numpy(), expected_class)
+    assert out["predicted_class"].tolist() == [CLASSES[i] for i in expected_class]
     np.testing.assert_allclose(np.stack(out["probability"]), expected_probability, rtol=1e-5, atol=1e-6)
     # Python lists of floats (as JSON gives them) are accepted too, and version 2 is a different model.
     as_lists = mlflow.pyfunc.load_model(f"models:/{NAME}/2").predict(pd.DataFrame({"features": raw.tolist()}))
@@ -170,11 +171,12 @@ def test_score_parquet_one_prediction_per_row_equal_to_torch(registry, spark, tm
     assert result == {"rows_in": 300, "rows_out": 300, "model_name": NAME, "model_version": "1"}
     predictions = pd.read_parquet(output).set_index("id").loc[ids]
     assert list(predictions.columns) == [
-        "label", "prediction", "probability", "model_name", "model_version", "model_run_id"
+        "label", "predicted_class", "prediction", "probability", "model_name", "model_version", "model_run_id"
     ]
     assert predictions.index.is_unique and len(predictions) == 300
     expected_class, expected_probability = _expected(registry.networks[0], registry.scaler, raw)
     np.testing.assert_array_equal(predictions["prediction"].to_numpy(), expected_class)
+    assert predictions["predicted_class"].tolist() == [CLASSES[i] for i in expected_class]
     np.testing.assert_allclose(np.stack(predictions["probability"]), expected_probability, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(predictions["label"].to_numpy(), np.arange(300) % 10)
     assert set(predictions["model_name"]) == {NAME} and set(predictions["model_version"]) == {"1"}

@@ -141,7 +141,8 @@ def test_text_pipeline_trains_a_recurrent_classifier_near_the_best_possible_accu
 def test_the_registered_model_takes_raw_text(text_run):
     uri = text_run.result["model_uri"]
     assert model_contract(uri) == ModelContract(
-        "text", "text", {"prediction": "int", "probability": "array<float>", "reason": "string"})
+        "text", "text", {"prediction": "int", "probability": "array<float>", "predicted_class": "string",
+                         "reason": "string"})
     signature = mlflow.models.get_model_info(uri).signature
     assert signature.inputs.input_names() == ["text"] and signature.inputs.input_types()[0].name == "string"
 
@@ -149,8 +150,9 @@ def test_the_registered_model_takes_raw_text(text_run):
     frame = mlflow.pyfunc.load_model(uri).predict(pd.DataFrame({"text": [sports, f"{sports.upper()}!!", "", None]}))
     classes = text_run.manifest["classes"]
     assert [classes[int(p)] for p in frame["prediction"][:2]] == ["sports", "sports"]
+    assert frame["predicted_class"].tolist()[:2] == ["sports", "sports"]  # the class named, not only its index
     np.testing.assert_array_equal(frame["probability"][0], frame["probability"][1])  # lower-cased as in the ETL
-    assert frame["prediction"][2:].isna().all()
+    assert frame["prediction"][2:].isna().all() and frame["predicted_class"][2:].isna().all()
     assert frame["reason"].tolist() == [None, None, empty_text_reason("text"), empty_text_reason("text")]
 
 
@@ -169,17 +171,20 @@ def test_scoring_raw_text_with_an_unseen_word_and_an_empty_text(text_run, spark,
 
     unscored = ["empty", "blank", "punctuation", "null"]
     assert scored.loc[unscored, "prediction"].isna().all() and scored.loc[unscored, "probability"].isna().all()
+    assert scored.loc[unscored, "predicted_class"].isna().all()
     assert set(scored.loc[unscored, "reason"]) == {empty_text_reason("text")}
     assert scored.loc[["known", "unseen", "unseen-other"], "reason"].isna().all()
     # Both unseen words are OOV: the same ids, so the same probabilities (up to float rounding within a batch).
     np.testing.assert_allclose(scored.loc["unseen", "probability"], scored.loc["unseen-other", "probability"],
                                rtol=1e-6, atol=1e-7)
     classes = text_run.manifest["classes"]
-    assert classes[int(scored.loc["known", "prediction"])] == "cooking"
+    assert classes[int(scored.loc["known", "prediction"])] == scored.loc["known", "predicted_class"] == "cooking"
     # The pyfunc in pandas gives the same answers: null (NA) outputs and the reason for the unscored rows.
     frame = mlflow.pyfunc.load_model(uri).predict(pd.DataFrame({"text": list(rows.values())}, index=list(rows)))
     assert frame.loc[unscored, "prediction"].isna().all() and frame.loc[unscored, "probability"].isna().all()
     scored_rows = ["known", "unseen", "unseen-other"]
     assert frame.loc[scored_rows, "prediction"].tolist() == scored.loc[scored_rows, "prediction"].astype(int).tolist()
+    assert frame.loc[scored_rows, "predicted_class"].tolist() == scored.loc[scored_rows, "predicted_class"].tolist()
+    assert frame.loc[unscored, "predicted_class"].isna().all()
     np.testing.assert_allclose(np.stack(frame.loc[scored_rows, "probability"]),
                                np.stack(scored.loc[scored_rows, "probability"]), rtol=1e-6)
