@@ -24,7 +24,8 @@ from dl.losses import build_loss
 from dl.metrics import AnomalyMeter, ClassificationMeter, ClusteringMeter, RegressionMeter, calibrate_threshold
 from jobs.config import AnomalyConf, ConfigError, DecConf, EarlyStoppingConf, LossConf, PromoteConf, TrainConf
 
-# Serving output column types (the Spark scorer and the MLflow signature map them): int, float, boolean, array<float>.
+# Serving output column types (the Spark scorer and the MLflow signature map them): int, float, boolean, array<float>,
+# string.
 OutputColumns = dict[str, str]
 FLOAT_TARGET_LOSSES = ("mse", "mae", "huber")
 

@@ -116,6 +116,8 @@ def test_an_etl_only_pipeline_runs_its_etl_and_is_refused_training_before_any_st
     whole = dlpipe("run", str(etl_only), cwd=tmp_path)
     assert (whole.returncode, whole.stderr.strip().splitlines()[-1]) == (EXIT_CONFIG, refused)
     assert not any((tmp_path / "run").glob("*"))  # refused before the ETL, its MLflow store or the lock
+    early = dlpipe("train", str(etl_only), cwd=tmp_path)  # the missing model, not the dataset not made yet
+    assert (early.returncode, early.stderr.strip().splitlines()[-1]) == (EXIT_CONFIG, refused)
 
     etl = dlpipe("run", str(etl_only), "--only", "etl", cwd=tmp_path)
     assert etl.returncode == 0, etl.stderr[-3000:]
