@@ -26,6 +26,7 @@ from pipelines.errors import DataError
 
 CHALLENGER = "challenger"
 TAG_PREFIX = "promotion."
+DIGEST_TAG = "dataset.digest"  # on a training run: the dataset it was trained and tested on (jobs/lineage.py)
 
 PROMOTED, FORCED, REJECTED, ALREADY_CHAMPION = "promoted", "forced", "rejected", "already_champion"
 SMOKE_PASSED, SMOKE_FAILED, SMOKE_SKIPPED = "passed", "failed", "skipped"
@@ -219,6 +220,8 @@ def promote(
     client.set_registered_model_alias(model_name, CHALLENGER, number)
 
     passed, reason = _gate(candidate_value, champion_value, champion, conf)
+    if champion_value is not None:
+        reason += _dataset_note(client, candidate, client.get_model_version(model_name, champion))
     smoke, rows = SMOKE_SKIPPED, 0
     if passed or force:
         try:
@@ -240,6 +243,17 @@ def promote(
     for key, value in result.tags().items():
         client.set_model_version_tag(model_name, number, key, value)
     return result
+
+
+def _dataset_note(client: MlflowClient, candidate: ModelVersion, champion: ModelVersion) -> str:
+    """A note for the reason when the two versions' training runs name different datasets (their test metrics come
+    from different test rows, e.g. after new input files); empty when they match or a run does not say."""
+    candidate_digest, champion_digest = (client.get_run(v.run_id).data.tags.get(DIGEST_TAG) if v.run_id else None
+                                         for v in (candidate, champion))
+    if candidate_digest is None or champion_digest is None or candidate_digest == champion_digest:
+        return ""
+    return (f" (measured on different datasets: {CHAMPION}'s {champion_digest[:12]}, the candidate's "
+            f"{candidate_digest[:12]})")
 
 
 def _gate(candidate: float, champion: float | None, champion_version: str | None, conf: PromoteConf) -> tuple[bool, str]:

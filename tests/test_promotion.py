@@ -98,6 +98,21 @@ def test_better_candidate_is_promoted_and_both_values_recorded(store):
     assert _tags(store, "better", "1") == {}  # the old champion was set up directly, never judged
 
 
+def test_a_champion_measured_on_another_dataset_is_named_in_the_reason(store):
+    """New input files make a new dataset: the two test metrics then come from different test rows, and the
+    decision says so (it stays the metric's); the same digest, or a run without one, adds nothing."""
+    cfg = _model(store, "new-data", [0.90, 0.95, 0.97], champion="1")
+    for version, digest in (("1", "a" * 64), ("2", "b" * 64), ("3", "b" * 64)):
+        store.client.set_tag(store.client.get_model_version("new-data", version).run_id, "dataset.digest", digest)
+    result = run_promote(cfg, version="2")
+    assert result["decision"] == "promoted"
+    assert result["reason"] == ("candidate test_accuracy 0.95 beats champion version 1's 0.9 (mode max, min_delta 0) "
+                                "(measured on different datasets: champion's aaaaaaaaaaaa, the candidate's bbbbbbbbbbbb)")
+    assert _tags(store, "new-data", "2")["reason"] == result["reason"]
+    same = run_promote(cfg, version="3")
+    assert same["reason"] == "candidate test_accuracy 0.97 beats champion version 2's 0.95 (mode max, min_delta 0)"
+
+
 def test_worse_or_equal_within_min_delta_is_rejected_and_champion_stays(store):
     cfg = _model(store, "worse", [0.90, 0.80, 0.905], champion="1", min_delta=0.01)
     worse = run_promote(cfg, version="2")
