@@ -48,6 +48,10 @@ def _cmd_sample(args: argparse.Namespace) -> None:
 
 def _cmd_validate(args: argparse.Namespace) -> None:
     cfg = load_config(args.config, args.overrides)
+    if cfg.model is not None:
+        from jobs.promote import gate_settings
+
+        gate_settings(cfg)  # as `dlpipe run` checks it before its ETL
     print(cfg.to_yaml(), end="")
     print(f"# {args.config}: valid", file=sys.stderr)
 

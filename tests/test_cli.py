@@ -47,6 +47,13 @@ def test_validate_prints_the_resolved_config(capsys):
     assert "epochs: 7" in capsys.readouterr().out
 
 
+def test_validate_refuses_a_promotion_gate_that_cannot_judge(capsys):
+    """What `dlpipe run` refuses before its ETL, `validate` refuses too (it said 'valid')."""
+    assert main(["validate", str(BREAST_CANCER), "promote.metric=test_f1", "promote.mode=null"]) == EXIT_CONFIG
+    assert "config error: 'promote.mode': which way is better for promote.metric 'test_f1'" in capsys.readouterr().err
+    assert main(["validate", str(BREAST_CANCER), "promote.metric=test_f1", "promote.mode=max"]) == 0
+
+
 def test_unknown_config_key_exits_with_config_code_and_one_line(tmp_path):
     done = dlpipe("etl", str(DIGITS), "train.epocs=3", cwd=tmp_path)
     assert done.returncode == EXIT_CONFIG
