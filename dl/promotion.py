@@ -211,9 +211,10 @@ def promote(
     # Read both metrics before touching any alias: a missing metric leaves the registry as it was.
     candidate_value = metric_of_version(client, candidate, conf.metric)
     champion_value = None
-    if champion is not None:
+    champion_version = client.get_model_version(model_name, champion) if champion is not None else None
+    if champion_version is not None:
         try:
-            champion_value = metric_of_version(client, client.get_model_version(model_name, champion), conf.metric)
+            champion_value = metric_of_version(client, champion_version, conf.metric)
         except PromotionError:
             if not force:
                 raise
@@ -221,7 +222,7 @@ def promote(
 
     passed, reason = _gate(candidate_value, champion_value, champion, conf)
     if champion_value is not None:
-        reason += _dataset_note(client, candidate, client.get_model_version(model_name, champion))
+        reason += _dataset_note(client, candidate, champion_version)
     smoke, rows = SMOKE_SKIPPED, 0
     if passed or force:
         try:

@@ -22,12 +22,11 @@ from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.models import ModelSignature
 from mlflow.types.schema import Array, ColSpec, Schema
-from pydantic import TypeAdapter
 
 from dl.models import build_model
 from dl.registry import resolve_model_version
 from dl.tasks import Task, build_task
-from jobs.config import Model, PipelineConfig
+from jobs.config import MODEL_CONF, PipelineConfig
 from pipelines.scaling import FittedScaler
 from pipelines.text import TextEncoder, empty_text_reason
 
@@ -38,7 +37,6 @@ TEXT_COLUMN = "text"
 REASON_COLUMN = "reason"  # text models: why a row was not scored (its outputs are null); null when it was
 _REQUIREMENTS = ("mlflow", "torch", "numpy", "pandas", "pyarrow", "pyspark", "pydantic", "pyyaml")
 
-_MODEL_CONF = TypeAdapter(Model)
 
 _MLFLOW_TYPES = {"int": "long", "float": "float", "boolean": "boolean", "array<float>": Array("float"),
                  "string": "string"}
@@ -155,7 +153,7 @@ class ServingModel(mlflow.pyfunc.PythonModel):
 
     @property
     def task(self) -> Task:
-        return build_task(_MODEL_CONF.validate_python(self.model_conf), self.classes)
+        return build_task(MODEL_CONF.validate_python(self.model_conf), self.classes)
 
     @property
     def inputs(self) -> FeatureInput | TextInput:
@@ -181,7 +179,7 @@ class ServingModel(mlflow.pyfunc.PythonModel):
         (`resolve_device`): weights saved from CUDA load on a CPU-only machine."""
         self._device = resolve_device(device)
         self._task, self._inputs = self.task, self.inputs
-        network = build_model(_MODEL_CONF.validate_python(self.model_conf), self.feature_shape, self._task.num_outputs,
+        network = build_model(MODEL_CONF.validate_python(self.model_conf), self.feature_shape, self._task.num_outputs,
                               **self._inputs.model_kwargs())
         state = torch.load(path, map_location=self._device, weights_only=True)
         network.load_state_dict(state)
@@ -223,11 +221,14 @@ class ServingModel(mlflow.pyfunc.PythonModel):
 
     def _placeholders(self, rows: int) -> dict[str, np.ndarray]:
         """Task columns of `rows` rows, of the dtypes `Task.serve` returns: zeros, or None for text."""
-        dtypes = {"int": np.int64, "float": np.float32, "boolean": np.bool_}
-        shapes = {"array<float>": (rows, self._task.num_outputs)}
-        return {name: np.full(rows, None, object) if kind == "string"
-                else np.zeros(shapes.get(kind, rows), dtypes.get(kind, np.float32))
-                for name, kind in self._task.output_columns.items()}
+        def placeholder(kind: str) -> np.ndarray:
+            if kind == "string":
+                return np.full(rows, None, object)
+            if kind == "array<float>":
+                return np.zeros((rows, self._task.num_outputs), np.float32)
+            return np.zeros(rows, {"int": np.int64, "float": np.float32, "boolean": np.bool_}[kind])
+
+        return {name: placeholder(kind) for name, kind in self._task.output_columns.items()}
 
     def predict_arrays(self, raw: np.ndarray, batch_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Classifiers: raw features [N, D] -> (prediction int64 [N], probability float32 [N, K])."""

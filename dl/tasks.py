@@ -357,15 +357,10 @@ class ClusteringTask(Task):
 
 
 def task_type(model_conf) -> type[Task]:
-    """The task a model config trains for: CNNs classify; MLPs and RNNs classify or regress (`model.task`);
-    autoencoders (dense or LSTM) detect anomalies; DEC models cluster."""
-    if model_conf.kind in ("autoencoder", "lstm_autoencoder"):
-        return AnomalyTask
-    if model_conf.kind == "dec":
-        return ClusteringTask
-    if getattr(model_conf, "task", "classification") == "regression":
-        return RegressionTask
-    return ClassificationTask
+    """The task a model config trains for (its `task_kind`): CNNs classify; MLPs and RNNs classify or regress
+    (`model.task`); autoencoders (dense or LSTM) detect anomalies; DEC models cluster."""
+    tasks = (ClassificationTask, RegressionTask, AnomalyTask, ClusteringTask)
+    return next(task for task in tasks if task.kind == model_conf.task_kind)
 
 
 def build_task(model_conf, classes: list[str], anomaly: AnomalyConf | None = None) -> Task:

@@ -9,12 +9,12 @@ import codecs
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union, get_args
+from typing import Annotated, Any, ClassVar, Literal, Union, get_args
 
 import pandas as pd
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, PositiveInt, PrivateAttr, ValidationError, field_validator,
-                      model_validator)
+from pydantic import (BaseModel, ConfigDict, Field, PositiveInt, PrivateAttr, TypeAdapter, ValidationError,
+                      field_validator, model_validator)
 
 
 class ConfigError(ValueError):
@@ -352,6 +352,7 @@ class CnnConf(_Strict):
     batch_norm: bool = True
     dropout: float = Field(0.25, ge=0.0, lt=1.0)
     hidden: PositiveInt = 128
+    task_kind: ClassVar[str] = "classification"  # what it is trained for (dl/tasks.py `task_type`)
 
 
 class MlpConf(_Strict):
@@ -364,6 +365,10 @@ class MlpConf(_Strict):
     batch_norm: bool = False
     outputs: PositiveInt = 1  # regression: values per row (the width of the dataset's `target` column)
 
+    @property
+    def task_kind(self) -> str:
+        return self.task
+
 
 class AutoencoderConf(_Strict):
     """Dense autoencoder for anomaly detection: the anomaly score is a row's reconstruction error (MSE over features)."""
@@ -374,6 +379,7 @@ class AutoencoderConf(_Strict):
     activation: Literal["relu", "tanh", "gelu"] = "relu"
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     batch_norm: bool = False
+    task_kind: ClassVar[str] = "anomaly"
 
 
 class RnnConf(_Strict):
@@ -393,6 +399,10 @@ class RnnConf(_Strict):
     outputs: PositiveInt = 1  # regression: values per row (the forecast horizon H)
     embedding_dim: PositiveInt = 64  # token inputs only
 
+    @property
+    def task_kind(self) -> str:
+        return self.task
+
 
 class LstmAutoencoderConf(_Strict):
     """Sequence autoencoder for anomaly detection: an LSTM encodes the [L, F] window into its last hidden state, an
@@ -402,6 +412,7 @@ class LstmAutoencoderConf(_Strict):
     hidden: PositiveInt = 32
     layers: PositiveInt = 1
     dropout: float = Field(0.0, ge=0.0, lt=1.0)  # between stacked layers
+    task_kind: ClassVar[str] = "anomaly"
 
 
 class DecPretrainConf(_Strict):
@@ -432,6 +443,7 @@ class DecConf(_Strict):
     kmeans_init: PositiveInt = 20  # k-means restarts (n_init) on the train embeddings; the lowest inertia wins
     pretrain: DecPretrainConf = Field(default_factory=DecPretrainConf)
     refine: DecRefineConf = Field(default_factory=DecRefineConf)
+    task_kind: ClassVar[str] = "clustering"
 
     @property
     def autoencoder(self) -> "AutoencoderConf":
@@ -442,6 +454,7 @@ class DecConf(_Strict):
 
 Model = Annotated[Union[CnnConf, MlpConf, AutoencoderConf, RnnConf, LstmAutoencoderConf, DecConf],
                   Field(discriminator="kind")]
+MODEL_CONF = TypeAdapter(Model)  # a `model` section (as a dict) -> its config object
 
 
 class OptimizerConf(_Strict):
@@ -613,13 +626,15 @@ class PipelineConfig(_Strict):
         RNN with task classification), mse for regression and for the reconstruction of autoencoders and DEC."""
         if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
             return data
-        model, train = data["model"], data.get("train") or {}
+        train = data.get("train") or {}
         loss = (train.get("loss") or {}) if isinstance(train, dict) else None
         if not isinstance(loss, dict) or "name" in loss:
             return data
-        classifies = model.get("kind") == "cnn" or (model.get("kind") in ("mlp", "rnn")
-                                                    and model.get("task", "classification") == "classification")
-        name = "cross_entropy" if classifies else "mse"
+        try:
+            model = MODEL_CONF.validate_python(data["model"])
+        except ValidationError:
+            return data  # the whole config's validation names what is wrong with the model
+        name = "cross_entropy" if model.task_kind == "classification" else "mse"
         return {**data, "train": {**train, "loss": {**loss, "name": name}}}
 
     @model_validator(mode="after")
