@@ -12,6 +12,8 @@ import math
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
+from pipelines import sql_text as sql
+
 BINS = 10
 EPSILON = 1e-4  # share given to an empty bin, so PSI stays finite
 # Rules of thumb (Siddiqi; widely used in credit scoring): < 0.1 stable, 0.1-0.25 moderate, > 0.25 major shift.
@@ -22,10 +24,13 @@ def _exploded(df: DataFrame, column: str) -> DataFrame:
 
 
 def _bin_of(edges: list[list[float]]) -> Column:
-    """The bin of (feature, value): how many of that feature's edges lie strictly below the value."""
-    table = F.array(*[F.array(*[F.lit(float(e)) for e in feature_edges]) for feature_edges in edges])
-    own = F.element_at(table, F.col("feature") + 1)
-    return F.size(F.filter(own, lambda edge: edge < F.col("value")))
+    """The bin of (feature, value): how many of that feature's edges lie strictly below the value.
+
+    The table of edges is SQL text: one py4j call, where a literal per edge took 3 s for 300 features.
+    """
+    table = sql.call("array", *[sql.call("array", *[sql.literal(float(e)) for e in feature_edges])
+                                for feature_edges in edges])
+    return F.expr(f"size(filter(element_at({table}, feature + 1), edge -> edge < value))")
 
 
 def _shares(exploded: DataFrame, edges: list[list[float]]) -> list[list[float]]:

@@ -7,21 +7,22 @@ from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql.types import NumericType
 
+from pipelines import sql_text as sql
 from pipelines.split import SPLITS
 
 QUALITY_NAME = "quality.json"
 
 
-def _aggregates(columns: list[str], numeric: set[str], never_null: set[str], classes: list[str]) -> list:
-    aggs = [F.count(F.lit(1)).alias("rows")]
+def _aggregates(columns: list[str], numeric: set[str], never_null: set[str], classes: list[str]) -> dict[str, str]:
+    """The per-split aggregates by name, as SQL text."""
+    aggregates = {"rows": "count(1)"}
     for i, name in enumerate(columns):
         if name not in never_null:
-            aggs.append(F.count_if(F.col(name).isNull()).alias(f"nulls{i}"))
+            aggregates[f"nulls{i}"] = f"count_if({sql.name(name)} IS NULL)"
         if name in numeric:
-            value = F.col(name).cast("double")
-            aggs += [F.min(value).alias(f"min{i}"), F.max(value).alias(f"max{i}"), F.sum(value).alias(f"sum{i}")]
-    aggs += [F.count_if(F.col("label") == k).alias(f"class{k}") for k in range(len(classes))]
-    return aggs
+            value = f"CAST({sql.name(name)} AS DOUBLE)"
+            aggregates |= {f"min{i}": f"min({value})", f"max{i}": f"max({value})", f"sum{i}": f"sum({value})"}
+    return aggregates | {f"class{k}": f"count_if({sql.name('label')} = {k})" for k in range(len(classes))}
 
 
 def _column_stats(per_split: dict, i: int, numeric: bool, counted_nulls: bool) -> dict:
@@ -49,8 +50,9 @@ def quality_report(rows: DataFrame, columns: list[str], classes: list[str], neve
     numeric = {f.name for f in rows.schema if f.name in columns and isinstance(f.dataType, NumericType)}
     never_null = set(never_null)
     aggregates = _aggregates(columns, numeric, never_null, classes)
-    found = rows.groupBy("split").agg(*aggregates).collect()  # one row per split
-    per_split = {row["split"]: row for row in found}
+    # one struct of every aggregate, built in one py4j call however many columns there are
+    found = rows.groupBy("split").agg(F.expr(sql.struct(aggregates)).alias("found")).collect()  # one row per split
+    per_split = {row["split"]: row["found"] for row in found}
     scopes = {"all": per_split, **{split: {split: per_split[split]} for split in SPLITS if split in per_split}}
     return {
         "rows": {scope: sum(r["rows"] for r in rows_of.values()) for scope, rows_of in scopes.items()},

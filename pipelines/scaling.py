@@ -14,6 +14,7 @@ from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
 from jobs.config import NormalizeConf
+from pipelines import sql_text as sql
 
 UNROLLED_WIDTH = 1024  # arrays up to this wide are scaled element by element (see FittedScaler.column)
 SHIFT_ROWS = 1000  # the rows a shift for the sums of squares is taken from (_shifts)
@@ -49,34 +50,36 @@ class FittedScaler:
         return cls(data["method"], data["per"], int(data["group_size"]), tuple(data["offset"]), tuple(data["scale"]),
                    tuple(data.get("zero_spread", ())))  # informational; absent from manifests written before it
 
-    def column(self, values: Column | Sequence[Column]) -> Column:
+    def column(self, values: str | Sequence[str]) -> Column:
         """The scaled array<float> as a Spark column expression (runs in the JVM, no Python UDF).
 
-        `values` is an array column, or the expressions of its elements (a table's numeric columns: then no array
-        is built per row only to be taken apart again: 16-22 s against 19-24 s to write 10M rows, BENCHMARKS.md).
-        Arrays of up to UNROLLED_WIDTH elements are scaled element by element, in code Spark generates and the JVM
-        compiles; a longer one (a large image) goes through a higher-order function, which Spark interprets.
+        `values` is an array (SQL text: a column name quoted by `sql_text.name`), or the SQL text of its elements (a
+        table's numeric columns: then no array is built per row only to be taken apart again: 16-22 s against 19-24 s
+        to write 10M rows, BENCHMARKS.md). Arrays of up to UNROLLED_WIDTH elements are scaled element by element, in
+        code Spark generates and the JVM compiles; a longer one (a large image) goes through a higher-order function,
+        which Spark interprets. The expression is built as SQL text: one py4j call, however wide.
         """
         width = len(self.offset) * self.group_size
         if width <= UNROLLED_WIDTH:
-            statistics = [(self.offset[i // self.group_size], self.scale[i // self.group_size]) for i in range(width)]
-            return F.array(*[self._scaled(values[i], F.lit(o), F.lit(s)) for i, (o, s) in enumerate(statistics)])
-        if not isinstance(values, Column):
-            values = F.array(*values)
-        offset = F.array(*[F.lit(v) for v in self.offset])
-        scale = F.array(*[F.lit(v) for v in self.scale])
-        group = lambda i: F.floor(i / F.lit(self.group_size)).cast("int")  # noqa: E731
-        return F.transform(values, lambda x, i: self._scaled(x, offset[group(i)], scale[group(i)]))
+            elements = [f"({values})[{i}]" for i in range(width)] if isinstance(values, str) else values
+            return F.expr(sql.call("array", *[
+                self._scaled(element, sql.literal(self.offset[i // self.group_size]),
+                             sql.literal(self.scale[i // self.group_size])) for i, element in enumerate(elements)]))
+        array = values if isinstance(values, str) else sql.call("array", *values)
+        group = f"CAST(floor(i / {self.group_size}) AS INT)"
+        offset = f"{sql.call('array', *map(sql.literal, self.offset))}[{group}]"
+        scale = f"{sql.call('array', *map(sql.literal, self.scale))}[{group}]"
+        return F.expr(f"transform({array}, (x, i) -> {self._scaled('x', offset, scale)})")
 
-    def _scaled(self, x: Column, offset: Column, scale: Column) -> Column:
-        """One element scaled by its group's `offset` and `scale` (a missing element scales to 0), as float."""
+    def _scaled(self, x: str, offset: str, scale: str) -> str:
+        """One element scaled by its group's `offset` and `scale` (a missing element scales to 0), as float (SQL)."""
         if self.method == "log1p":
             x = signed_log1p(x)
-        return F.coalesce((x - offset) / scale, F.lit(0.0)).cast("float")
+        return f"CAST(coalesce(({x} - {offset}) / {scale}, 0.0D) AS FLOAT)"
 
     def transform(self, df: DataFrame, input_col: str, output_col: str) -> DataFrame:
         """Add `output_col` = scaled `input_col` to a Spark DataFrame."""
-        return df.withColumn(output_col, self.column(F.col(input_col)))
+        return df.withColumn(output_col, self.column(sql.name(input_col)))
 
     def apply(self, values: np.ndarray) -> np.ndarray:
         """Scale a [N, D] NumPy batch exactly as `transform` does (float64 arithmetic, float32 result).
@@ -92,13 +95,13 @@ class FittedScaler:
         return np.nan_to_num((groups - offset) / scale, nan=0.0).reshape(values.shape).astype(np.float32)
 
 
-def signed_log1p(x: Column) -> Column:
-    """sign(x) * log1p(|x|): log-compresses both tails, 0 stays 0."""
-    return F.signum(x) * F.log1p(F.abs(x))
+def signed_log1p(x: str) -> str:
+    """sign(x) * log1p(|x|) (SQL text): log-compresses both tails, 0 stays 0."""
+    return f"(signum({x}) * log1p(abs({x})))"
 
 
-def _statistics(value: Column, conf: NormalizeConf, shift: float | None = None) -> tuple[Column, Column]:
-    """(offset, spread) aggregates of one group's values; the scaled value is (x - offset) / spread.
+def _statistics(value: str, conf: NormalizeConf, shift: float | None = None) -> tuple[str, str]:
+    """(offset, spread) aggregates of one group's values (SQL text); the scaled value is (x - offset) / spread.
 
     With a `shift` (any one of the group's values: see `_shifts`), mean and standard deviation are plain sums of
     (value - shift) and its square, which the JVM runs 2-3x faster in a wide aggregation than `stddev_pop`'s
@@ -106,41 +109,39 @@ def _statistics(value: Column, conf: NormalizeConf, shift: float | None = None) 
     LeVeque's shifted-data algorithm), and a constant group still gets a spread of exactly 0.
     """
     if conf.method == "robust":
-        quartiles = F.percentile_approx(value, [0.25, 0.5, 0.75], ROBUST_ACCURACY)
-        return quartiles[1], quartiles[2] - quartiles[0]
+        quartiles = f"percentile_approx({value}, array(0.25D, 0.5D, 0.75D), {ROBUST_ACCURACY})"
+        return f"{quartiles}[1]", f"{quartiles}[2] - {quartiles}[0]"
     if conf.method == "minmax":
         low, high = conf.minmax_range
-        spread = (F.max(value) - F.min(value)) / F.lit(high - low)
-        return F.min(value) - F.lit(low) * spread, spread
+        spread = f"((max({value}) - min({value})) / {sql.literal(float(high - low))})"
+        return f"min({value}) - {sql.literal(float(low))} * {spread}", spread
     if conf.method == "log1p":
         value = signed_log1p(value)
     if shift is None:
-        return F.mean(value), F.stddev_pop(value)
-    deviation = value.cast("double") - F.lit(shift)
-    rows = F.count(deviation)
-    mean_deviation = F.sum(deviation) / rows
-    variance = F.sum(deviation * deviation) / rows - mean_deviation * mean_deviation
-    return F.lit(shift) + mean_deviation, F.sqrt(F.greatest(variance, F.lit(0.0)))
+        return f"mean({value})", f"stddev_pop({value})"
+    deviation = f"(CAST({value} AS DOUBLE) - {sql.literal(shift)})"
+    mean_deviation = f"(sum({deviation}) / count({deviation}))"
+    variance = f"sum({deviation} * {deviation}) / count({deviation}) - {mean_deviation} * {mean_deviation}"
+    return f"{sql.literal(shift)} + {mean_deviation}", f"sqrt(greatest({variance}, 0.0D))"
 
 
-def _shifts(train: DataFrame, elements: list[Column], conf: NormalizeConf) -> list[float | None]:
+def _shifts(train: DataFrame, elements: list[str], conf: NormalizeConf) -> list[float | None]:
     """Per element, a value of it from the first SHIFT_ROWS train rows (0 where all are null) to shift its sums
     by; None for methods that need no shift. A small job: each task reads its first rows only."""
     if conf.method not in ("zscore", "log1p"):
         return [None] * len(elements)
     values = [signed_log1p(e) if conf.method == "log1p" else e for e in elements]
-    found = train.limit(SHIFT_ROWS).agg(*[F.first(v, ignorenulls=True).alias(f"k{i}") for i, v in enumerate(values)])
-    row = found.first()
+    row = train.limit(SHIFT_ROWS).selectExpr(*[f"first({v}, true) AS k{i}" for i, v in enumerate(values)]).first()
     return [float(row[f"k{i}"]) if row[f"k{i}"] is not None else 0.0 for i in range(len(elements))]
 
 
 def fit_scaler(
-    train: DataFrame, column: str | Sequence[Column], conf: NormalizeConf, group_size: int,
+    train: DataFrame, column: str | Sequence[str], conf: NormalizeConf, group_size: int,
     names: Sequence[str] | None = None,
 ) -> FittedScaler:
     """Fit scaling statistics on `train` only (callers pass the train split, never val/test).
 
-    `column` is the expressions of the elements (e.g. `tables.raw_feature_values`): each is one statistic group,
+    `column` is the SQL text of the elements (e.g. `tables.raw_feature_values`): each is one statistic group,
     aggregated where it stands in one pass, with no array built (an array aggregated element by element took 2x
     as long). Or `column` names an array column: its arrays are exploded and grouped by `group_size` consecutive
     elements (an image's channels). `names` names the statistic groups (the table's numeric columns) in warnings
@@ -173,13 +174,13 @@ def fit_scaler(
 
 
 def _statistics_in_place(
-    train: DataFrame, elements: list[Column], conf: NormalizeConf
+    train: DataFrame, elements: list[str], conf: NormalizeConf
 ) -> list[tuple[float | None, float | None]]:
     """(offset, spread) of each element, one statistic group each, all aggregated in one pass; empty when `train`
     has no rows."""
     statistics = [_statistics(element, conf, shift) for element, shift in zip(elements, _shifts(train, elements, conf))]
-    aggregates = [a.alias(f"{name}{i}") for i, pair in enumerate(statistics) for name, a in zip("os", pair)]
-    found = train.agg(F.count(F.lit(1)).alias("rows"), *aggregates).first()
+    aggregates = [f"{a} AS {name}{i}" for i, pair in enumerate(statistics) for name, a in zip("os", pair)]
+    found = train.selectExpr("count(1) AS rows", *aggregates).first()  # aggregates only: one row for all of train
     return [(found[f"o{i}"], found[f"s{i}"]) for i in range(len(elements))] if found["rows"] else []
 
 
@@ -190,6 +191,6 @@ def _statistics_by_group(
     order: the arrays are exploded into (position, value) rows and grouped (an image's channels)."""
     exploded = train.select(F.posexplode(column).alias("pos", "value"))
     by_group = exploded.groupBy(F.floor(F.col("pos") / group_size).cast("int").alias("group"))
-    offset, spread = _statistics(F.col("value"), conf)
-    found = by_group.agg(offset.alias("offset"), spread.alias("spread")).collect()
+    offset, spread = _statistics("value", conf)
+    found = by_group.agg(F.expr(offset).alias("offset"), F.expr(spread).alias("spread")).collect()
     return [(row["offset"], row["spread"]) for row in sorted(found, key=lambda r: r["group"])]

@@ -10,6 +10,7 @@ Reasons name the column and the kind of problem, never the value (the value is i
 from __future__ import annotations
 
 import logging
+import math
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
@@ -24,6 +25,7 @@ from pyspark.sql.types import DoubleType, FloatType, StringType, StructField, St
 from jobs.config import ColumnSpec, ConfigError, TableSource, TextSource, TimeSeriesSource
 from pipelines.caching import kept_as_parquet, materialized
 from pipelines.errors import DataError
+from pipelines import sql_text as sql
 from pipelines.file_refusals import file_refusals_named, refuse_files_not_text
 from pipelines.quarantine import is_quarantined
 from pipelines.spark import small_generated_methods
@@ -155,31 +157,33 @@ def _read_json_lines(spark: SparkSession, text: StructType, paths: list[str]) ->
                          F.when(corrupt, F.col("value")).alias(CORRUPT_RECORD), F.col("value").alias(_LINE))
 
 
-def _value_problem(spec: ColumnSpec, raw: Column, typed: Column, required: bool) -> Column:
-    """Why this column's value keeps its row out (null when it is fine); the first problem found wins.
+def _value_problem(spec: ColumnSpec, raw: str, typed: str, required: bool) -> str:
+    """Why this column's value keeps its row out (null when it is fine), as SQL text; the first problem found wins.
 
     `raw` is the value as read (text, or already in its type when the reader parsed it), `typed` the value in the
     declared type (computed once, in an earlier projection).
     """
     where = f"column '{spec.name}'"
-    problem = F.when(raw.isNull(), F.lit(f"{where}: missing required value") if required else F.lit(None))
-    wrong_type = typed.isNull()
+    problems = [(f"{raw} IS NULL", sql.literal(f"{where}: missing required value" if required else None))]
+    wrong_type = f"{typed} IS NULL"
     if spec.type in ("int", "long"):
-        wrong_type |= ~raw.cast("string").rlike(_INTEGER_TEXT)
+        wrong_type += f" OR NOT (CAST({raw} AS STRING) RLIKE {sql.literal(_INTEGER_TEXT)})"
     pattern = f" (format {spec.format})" if spec.format else ""
-    problem = problem.when(wrong_type, F.lit(f"{where}: not a valid {spec.type}{pattern}"))
+    problems.append((wrong_type, sql.literal(f"{where}: not a valid {spec.type}{pattern}")))
     if spec.type in ("float", "double"):
-        problem = problem.when(F.isnan(typed) | (F.abs(typed) == float("inf")), F.lit(f"{where}: NaN or infinite"))
+        problems.append((f"isnan({typed}) OR abs({typed}) = {sql.literal(math.inf)}",
+                         sql.literal(f"{where}: NaN or infinite")))
     if spec.min is not None:
-        problem = problem.when(typed < F.lit(spec.min), F.lit(f"{where}: below the minimum {spec.min:g}"))
+        problems.append((f"{typed} < {sql.literal(spec.min)}", sql.literal(f"{where}: below the minimum {spec.min:g}")))
     if spec.max is not None:
-        problem = problem.when(typed > F.lit(spec.max), F.lit(f"{where}: above the maximum {spec.max:g}"))
+        problems.append((f"{typed} > {sql.literal(spec.max)}", sql.literal(f"{where}: above the maximum {spec.max:g}")))
     if spec.type == "string" and spec.allowed is None:  # (an allowed value holds no such character)
-        problem = problem.when(typed.contains(REPLACEMENT_CHARACTER), F.lit(f"{where}: {UNDECODABLE}"))
+        problems.append((f"contains({typed}, {sql.literal(REPLACEMENT_CHARACTER)})", sql.literal(f"{where}: {UNDECODABLE}")))
     if spec.allowed is not None:
         allowed = ", ".join(str(v) for v in spec.allowed)
-        problem = problem.when(~typed.isin(*spec.allowed), F.lit(f"{where}: not one of the allowed values [{allowed}]"))
-    return problem
+        problems.append((f"NOT ({typed} IN ({', '.join(sql.literal(v) for v in spec.allowed)}))",
+                         sql.literal(f"{where}: not one of the allowed values [{allowed}]")))
+    return sql.case(*problems)
 
 
 def required_columns(source: FileSource) -> set[str]:
@@ -187,71 +191,71 @@ def required_columns(source: FileSource) -> set[str]:
     return {c.name for c in source.columns if not c.nullable or c.name in source.key_columns}
 
 
-def _joined(problems: list[Column]) -> Column:
-    """The problems found joined by '; ', or null: the text is built only for a row with a problem."""
-    return F.when(F.coalesce(*problems).isNotNull(), F.concat_ws("; ", *problems))
+def _joined(problems: list[str]) -> str:
+    """The problems found joined by '; ', or null (SQL text). A problem is never empty text, so the joined text is
+    empty exactly when there is none: each problem is written once, which halves the expression Spark compiles."""
+    return sql.call("nullif", sql.call("concat_ws", "'; '", *problems), "''")
 
 
-def _row_reason(source: FileSource) -> Column:
-    """The row's reason: malformed, or the reasons of its columns joined by '; ' (null for a clean row).
+def _row_reason(source: FileSource) -> str:
+    """The row's reason: malformed, or the reasons of its columns joined by '; ' (null for a clean row), as SQL text.
 
     Reads the `_raw_<name>` and typed `<name>` columns; a CSV line the reader flagged is checked on its
     re-split text instead.
     """
     required = required_columns(source)
-    malformed = F.lit(malformed_reason(source.file_format, len(source.columns)))
-    as_read = _joined([_value_problem(c, F.col(_raw(c.name)), F.col(c.name), c.name in required)
+    malformed = malformed_reason(source.file_format, len(source.columns))
+    as_read = _joined([_value_problem(c, sql.name(_raw(c.name)), sql.name(c.name), c.name in required)
                        for c in source.columns])
-    flagged = F.col(CORRUPT_RECORD).isNotNull()
+    flagged = f"{sql.name(CORRUPT_RECORD)} IS NOT NULL"
     if source.file_format != "csv":
-        return F.when(flagged, malformed).otherwise(as_read)
-    reread = F.col(_REREAD)
-    as_text = _joined([_value_problem(c, reread[c.name], _cast(c, reread[c.name]), c.name in required)
-                       for c in source.columns])
+        return sql.case((flagged, sql.literal(malformed)), otherwise=as_read)
+    as_text = _joined([_value_problem(c, sql.name(_REREAD, c.name), _cast(c, sql.name(_REREAD, c.name)),
+                                      c.name in required) for c in source.columns])
+    malformed_line = sql.literal(malformed)
     if not source.multiline:  # an odd number of quotes: a value that goes on in the next line(s)
-        unclosed = F.length(F.regexp_replace(F.col(CORRUPT_RECORD), '[^"]', "")) % 2 == 1
-        malformed = F.when(unclosed, F.concat(malformed, F.lit(UNCLOSED_QUOTE_HINT))).otherwise(malformed)
+        unclosed = f"length(regexp_replace({sql.name(CORRUPT_RECORD)}, '[^\"]', '')) % 2 = 1"
+        malformed_line = sql.case((unclosed, sql.literal(malformed + UNCLOSED_QUOTE_HINT)), otherwise=malformed_line)
     # A flagged line always has a reason: the reader could not read it into the declared types.
-    return (F.when(~flagged, as_read)
-            .when(reread[CORRUPT_RECORD].isNotNull(), malformed)
-            .otherwise(F.coalesce(as_text, malformed)))
+    return sql.case((f"NOT ({flagged})", as_read),
+                    (f"{sql.name(_REREAD, CORRUPT_RECORD)} IS NOT NULL", malformed_line),
+                    otherwise=sql.call("coalesce", as_text, malformed_line))
 
 
-def _record(source: FileSource) -> Column:
-    """What was read, for a quarantined row: a JSON line as written, otherwise `_values_record`."""
-    return F.col(_LINE) if source.file_format == "json" else _values_record(source)
+def _record(source: FileSource) -> str:
+    """What was read, for a quarantined row (SQL text): a JSON line as written, otherwise `_values_record`."""
+    return sql.name(_LINE) if source.file_format == "json" else _values_record(source)
 
 
-def _values_record(source: FileSource) -> Column:
-    """The row as read: a malformed line as it is, otherwise its values as JSON text (what a keyless row's hash
-    covers, so a JSON line's spacing and key order do not change its key)."""
+def _values_record(source: FileSource) -> str:
+    """The row as read, as SQL text: a malformed line as it is, otherwise its values as JSON text (what a keyless
+    row's hash covers, so a JSON line's spacing and key order do not change its key)."""
     parsed = _parsed_by_reader(source)
-    values = [(F.col(_raw(c.name)).cast("string") if c.name in parsed else F.col(_raw(c.name))).alias(c.name)
-              for c in source.columns]
-    as_read = F.to_json(F.struct(*values))
+    as_read = sql.json_object({c.name: f"CAST({sql.name(_raw(c.name))} AS STRING)" if c.name in parsed
+                               else sql.name(_raw(c.name)) for c in source.columns})
+    corrupt = sql.name(CORRUPT_RECORD)
     if source.file_format != "csv":
-        return F.coalesce(F.col(CORRUPT_RECORD), as_read)
-    reread = F.col(_REREAD)
-    as_text = F.to_json(F.struct(*[reread[c.name].alias(c.name) for c in source.columns]))
-    return (F.when(F.col(CORRUPT_RECORD).isNull(), as_read)
-            .when(reread[CORRUPT_RECORD].isNull(), as_text)
-            .otherwise(F.col(CORRUPT_RECORD)))
+        return sql.call("coalesce", corrupt, as_read)
+    as_text = sql.json_object({c.name: sql.name(_REREAD, c.name) for c in source.columns})
+    return sql.case((f"{corrupt} IS NULL", as_read), (f"{sql.name(_REREAD, CORRUPT_RECORD)} IS NULL", as_text),
+                    otherwise=corrupt)
 
 
-def _typed(spec: ColumnSpec, parsed: set[str]) -> Column:
-    """A declared column in its type: as the reader parsed it, or cast from text.
+def _typed(spec: ColumnSpec, parsed: set[str]) -> str:
+    """A declared column in its type (SQL text): as the reader parsed it, or cast from text.
 
     On a CSV line the reader flagged, a value it could not parse is null here; such a line is always quarantined
     (`_row_reason`), so its typed values go nowhere.
     """
-    return F.col(spec.name) if spec.name in parsed else _cast(spec, F.col(spec.name))
+    return sql.name(spec.name) if spec.name in parsed else _cast(spec, sql.name(spec.name))
 
 
-def _cast(spec: ColumnSpec, value: Column) -> Column:
-    """`value` (text) in the declared type, null where it is not one; a date or time read with the column's format."""
+def _cast(spec: ColumnSpec, value: str) -> str:
+    """`value` (text) in the declared type, null where it is not one; a date or time read with the column's format
+    (SQL text)."""
     if spec.format is not None:
-        return (F.to_date if spec.type == "date" else F.to_timestamp)(value, spec.format)
-    return value.cast(spec.type)
+        return sql.call("to_date" if spec.type == "date" else "to_timestamp", value, sql.literal(spec.format))
+    return f"CAST({value} AS {spec.type})"
 
 
 def _raw(name: str) -> str:
@@ -259,11 +263,11 @@ def _raw(name: str) -> str:
     return f"_raw_{name}"
 
 
-def _row_key(source: FileSource, record: Column) -> Column:
-    """The row key: the typed key column(s) as text joined by '|', or a hash of the whole record."""
+def _row_key(source: FileSource, record: str) -> str:
+    """The row key (SQL text): the typed key column(s) as text joined by '|', or a hash of the whole record."""
     if not source.key_columns:
-        return F.sha2(record, 256)
-    return F.concat_ws("|", *[F.col(n).cast("string") for n in source.key_columns])
+        return sql.call("sha2", record, "256")
+    return sql.call("concat_ws", "'|'", *[f"CAST({sql.name(n)} AS STRING)" for n in source.key_columns])
 
 
 def ingest_table(spark: SparkSession, source: FileSource, files: list[Path],
@@ -275,33 +279,34 @@ def ingest_table(spark: SparkSession, source: FileSource, files: list[Path],
     `record` (what was read) is made for quarantined rows only: clean rows go on without it (most of a narrow row's
     bytes), so a kept copy of 10M checked rows holds what later passes read.
     Key columns other than a single declared `key` stay as typed columns too (a time series keeps its time).
+    The per-column expressions are SQL text (`pipelines.sql_text`): one py4j call per projection.
     """
     raw = _read(spark, source, files)
     parsed = _parsed_by_reader(source)
+    markers = [CORRUPT_RECORD, *({"csv": [_REREAD], "json": [_LINE]}.get(source.file_format, []))]
+    helpers = [*markers, *[_raw(c.name) for c in source.columns]]
     # Each value is cast once here; the checks below compare the casts (Spark keeps this projection apart
     # rather than repeat a cast in every check that reads it).
-    typed = raw.select(
-        F.input_file_name().alias("source_file"),
-        F.monotonically_increasing_id().alias("position"),
-        CORRUPT_RECORD,
-        *({"csv": [_REREAD], "json": [_LINE]}.get(source.file_format, [])),
-        *[F.col(c.name).alias(_raw(c.name)) for c in source.columns],
-        *[_typed(c, parsed).alias(c.name) for c in source.columns],
+    typed = raw.selectExpr(
+        "input_file_name() AS source_file",
+        "monotonically_increasing_id() AS position",
+        *[sql.name(h) for h in markers],
+        *[f"{sql.name(c.name)} AS {sql.name(_raw(c.name))}" for c in source.columns],
+        *[f"{_typed(c, parsed)} AS {sql.name(c.name)}" for c in source.columns],
     )
-    helpers = [c for c in typed.columns if c in (CORRUPT_RECORD, _REREAD, _LINE) or c.startswith(_raw(""))]
-    checked = typed.select(
+    checked = typed.selectExpr(
         "source_file",
         "position",
-        _row_key(source, _values_record(source)).alias("id"),
-        _row_reason(source).alias("reason"),
-        *[c.name for c in source.columns if c.name != source.key],
-        *helpers,
+        f"{_row_key(source, _values_record(source))} AS id",
+        f"{_row_reason(source)} AS reason",
+        *[sql.name(c.name) for c in source.columns if c.name != source.key],
+        *[sql.name(h) for h in helpers],
     )
     if check is not None:
         checked = check(checked)
-    record = F.when(is_quarantined(), _record(source)).alias("record")  # built only for a quarantined row
+    record = F.when(is_quarantined(), F.expr(_record(source))).alias("record")  # built only for a quarantined row
     rest = [c for c in checked.columns if c not in ("source_file", "position", "id", *helpers)]
-    return checked.select("source_file", "position", "id", record, *rest)
+    return checked.select("source_file", "position", "id", record, *[F.col(sql.name(c)) for c in rest])
 
 
 @contextmanager
@@ -342,9 +347,8 @@ def _few_values(source: FileSource) -> list[str]:
 
 def _repeat_record(source: FileSource) -> Column:
     """`_repeat_record`: a clean row's values as read into the declared types, as JSON text (its quarantine record)."""
-    values = [(F.col("id") if c.name == source.key else F.col(c.name)).cast("string").alias(c.name)
-              for c in source.columns]
-    return F.to_json(F.struct(*values)).alias("_repeat_record")
+    values = {c.name: f"CAST({sql.name('id' if c.name == source.key else c.name)} AS STRING)" for c in source.columns}
+    return F.expr(sql.json_object(values)).alias("_repeat_record")
 
 
 def _with_repeats_marked(rows: DataFrame) -> DataFrame:
@@ -390,11 +394,11 @@ def feature_columns(source: TableSource) -> tuple[list[str], list[str]]:
     return numeric, categorical
 
 
-def raw_feature_values(numeric: list[str]) -> list[Column]:
-    """The elements of `raw_features`: the numeric columns as float, in declared order."""
-    return [F.col(name).cast("float") for name in numeric]
+def raw_feature_values(numeric: list[str]) -> list[str]:
+    """The elements of `raw_features` (SQL text): the numeric columns as float, in declared order."""
+    return [f"CAST({sql.name(name)} AS FLOAT)" for name in numeric]
 
 
 def with_raw_features(rows: DataFrame, numeric: list[str]) -> DataFrame:
     """Add `raw_features`: the numeric columns as one array<float>, in declared order."""
-    return rows.withColumn("raw_features", F.array(*raw_feature_values(numeric)))
+    return rows.withColumn("raw_features", F.expr(sql.call("array", *raw_feature_values(numeric))))

@@ -5,7 +5,6 @@ from datetime import datetime, timedelta
 
 import numpy as np
 import pytest
-from pyspark.sql import functions as F
 
 from jobs.config import NormalizeConf, SplitConf
 from pipelines import scaling
@@ -51,14 +50,14 @@ def test_scaler_statistics_and_the_spark_and_numpy_paths_agree(train, conf, offs
     if not unrolled:  # arrays wider than UNROLLED_WIDTH are scaled by a lambda over the elements
         monkeypatch.setattr(scaling, "UNROLLED_WIDTH", 1)
     # given the elements, each is aggregated in place; given the array column, its arrays are exploded and grouped
-    column = [F.col("raw")[i] for i in range(2)] if in_place else "raw"
+    column = [f"raw[{i}]" for i in range(2)] if in_place else "raw"
     scaler = fit_scaler(train, column, conf, group_size=1, names=["a", "b"] if in_place else None)
     np.testing.assert_allclose(scaler.offset, offset, rtol=1e-6)
     np.testing.assert_allclose(scaler.scale, scale, rtol=1e-6)
 
     spark_scaled = np.array([r["scaled"] for r in scaler.transform(train, "raw", "scaled").collect()])
     np.testing.assert_allclose(spark_scaled, scaler.apply(VALUES), rtol=1e-5, atol=1e-6)
-    from_elements = train.select(scaler.column([scaling.F.col("raw")[i] for i in range(2)]).alias("scaled"))
+    from_elements = train.select(scaler.column([f"raw[{i}]" for i in range(2)]).alias("scaled"))
     np.testing.assert_array_equal(np.array([r["scaled"] for r in from_elements.collect()]), spark_scaled)
     if conf.method == "minmax":
         low, high = conf.minmax_range
@@ -71,7 +70,7 @@ def test_mean_and_deviation_keep_their_digits_far_from_zero(spark, method, rtol)
     # 1e6 + noise of 0.01: a plain sum of squares (1e12 per row) would lose every digit of a 1e-4 variance
     values = 1e6 + np.random.default_rng(5).normal(0, 0.01, size=3000)
     train = spark.createDataFrame([(float(v),) for v in values], "x double").repartition(4)
-    scaler = fit_scaler(train, [scaling.F.col("x")], NormalizeConf(method=method, per="feature"), 1, names=["x"])
+    scaler = fit_scaler(train, ["x"], NormalizeConf(method=method, per="feature"), 1, names=["x"])
     expected = np.sign(values) * np.log1p(np.abs(values)) if method == "log1p" else values
     np.testing.assert_allclose(scaler.offset, [expected.mean()], rtol=1e-12)
     np.testing.assert_allclose(scaler.scale, [expected.std()], rtol=rtol)
