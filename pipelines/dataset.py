@@ -18,6 +18,7 @@ from pyspark.sql import functions as F
 from jobs.config import OutputConf, PipelineConfig
 from pipelines.atomic import atomic_directory
 from pipelines.errors import DataError
+from pipelines import sql_text as sql
 from pipelines.quality import QUALITY_NAME
 from pipelines.spark import concurrent_writers
 from pipelines.split import SPLITS
@@ -116,9 +117,10 @@ def dataset_columns(
     features: tuple[str, ...] = ("features",),
     raw: str = "raw_features",
 ) -> DataFrame:
-    """The contract's columns in order: `id`, `label` when labelled, `features`, `raw` when kept, `extra`, `split`."""
+    """The contract's columns in order: `id`, `label` when labelled, `features`, `raw` when kept, `extra` (names as
+    written: a categorical index may hold a dot), `split`."""
     head = ["id", *(["label"] if labelled else []), *features, *([raw] if keep_raw else [])]
-    return rows.select(*head, *extra, "split")
+    return rows.select(*[F.col(sql.name(name)) for name in (*head, *extra, "split")])
 
 
 def build_manifest(

@@ -5,6 +5,7 @@ from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 
 from jobs.config import SplitConf
+from pipelines import sql_text as sql
 from pipelines.errors import DataError
 
 SPLITS = ("train", "val", "test")
@@ -65,7 +66,7 @@ def time_split(df: DataFrame, time_col: str, conf: SplitConf) -> DataFrame:
     The cuts are the train and train+val quantiles of `time_col` over all rows (one aggregation pass); rows
     sharing a timestamp share a split, so no series sees a later moment of another in its training data.
     """
-    micros = F.unix_micros(F.col(time_col).cast("timestamp"))
+    micros = F.unix_micros(F.col(sql.name(time_col)).cast("timestamp"))
     quantiles = F.percentile_approx(micros, [conf.train, conf.train + conf.val], TIME_CUT_ACCURACY)
     val_from, test_from = df.agg(quantiles.alias("cuts")).first()["cuts"]
     return df.withColumn("split", F.when(micros < val_from, "train").when(micros < test_from, "val").otherwise("test"))

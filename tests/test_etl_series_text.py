@@ -144,6 +144,24 @@ def test_series_scaler_uses_the_train_time_span_only(series):
     assert manifest["baselines"]["ridge_mae"] < 0.01
 
 
+def test_series_whose_column_names_hold_dots_make_the_same_windows(series, tmp_path):
+    """A name is taken as written (`d.ay` is no field `ay` of a struct `d`): time, series key and target too."""
+    cfg, _ = series
+    dotted = {"station": "st.ation", "day": "d.ay", "level": "le.vel", "flow": "fl`ow"}
+    csv_text = (cfg.source.path / "levels.csv").read_text().split("\n", 1)[1]
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "raw" / "levels.csv").write_text(",".join(dotted.values()) + "\n" + csv_text)
+    data = series_config(tmp_path / "raw", tmp_path / "run").model_dump(mode="json", exclude_unset=True)
+    data["source"] |= {"columns": [{**c, "name": dotted[c["name"]]} for c in SERIES_COLUMNS], "time_column": "d.ay",
+                       "series_key": "st.ation", "target": "le.vel"}
+    data["split"]["time_column"] = "d.ay"
+    renamed = validate_config(data, "test")
+    manifest = run_etl(renamed)
+    assert manifest["preprocessing"]["inputs"] == ["le.vel", "fl`ow"]
+    for split in SPLITS:
+        assert read_split(renamed, split) == read_split(cfg, split)
+
+
 def test_seattle_weather_end_to_end_with_baselines(spark, tmp_path):
     assert write_seattle_weather(tmp_path / "raw") == 1461
     cfg = load_config(ROOT / "conf" / "seattle_weather_rnn.yaml", [
@@ -226,3 +244,21 @@ def test_vocabulary_excludes_tokens_seen_only_in_val_or_test(texts):
     quality = json.loads((cfg.dataset_dir / "quality.json").read_text())
     assert quality["label_balance"] == manifest["class_balance"]
     assert quality["columns"]["text"]["all"]["null_rate"] == 0.0
+
+
+def test_a_text_column_whose_name_holds_a_dot_is_read_as_written(texts, tmp_path):
+    cfg, manifest = texts
+    dotted = {"id": "id", "text": "the.text", "topic": "to.pic"}
+    csv_text = (cfg.source.path / "texts.csv").read_text().split("\n", 1)[1]
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "raw" / "texts.csv").write_text(",".join(dotted.values()) + "\n" + csv_text)
+    data = cfg.model_dump(mode="json", exclude_unset=True)
+    data["run_dir"] = str(tmp_path / "run")
+    data["source"] |= {"path": str(tmp_path / "raw"), "columns": [{**c, "name": dotted[c["name"]]} for c in TEXT_COLUMNS],
+                       "text_column": "the.text", "label": "to.pic"}
+    renamed = validate_config(data, "test")
+    got = run_etl(renamed)
+    assert got["preprocessing"]["vocabulary"] == manifest["preprocessing"]["vocabulary"]
+    assert got["quarantine_reasons"] == {empty_text_reason("the.text"): 3}
+    for split in SPLITS:
+        assert read_split(renamed, split)["features"] == read_split(cfg, split)["features"]

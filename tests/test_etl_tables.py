@@ -132,6 +132,42 @@ def test_every_bad_record_kind_is_quarantined_with_its_reason_and_counts_reconci
     assert not list(cfg.run_dir.glob(".checked*")), "the checked rows' scratch folder outlived the run"
 
 
+def test_names_values_and_bounds_are_used_as_written_whatever_characters_they_hold(spark, tmp_path):
+    """The checks, the scaler and the quality report are Spark SQL text: a name or value holding a quote, a backtick,
+    a backslash, a dot or a space, and a negative bound (`x - -1.5`, not a `--` comment), are taken as written."""
+    odd, tag, label = "we`ird 'name'.x", 'ta.g"\\', "the label.name"
+    columns = [{"name": "id", "type": "int", "nullable": False},
+               {"name": odd, "type": "double", "nullable": False, "min": -1.5, "max": 2.5},
+               {"name": tag, "type": "string", "allowed": ["it's", "a\\b", "--x"]},
+               {"name": label, "type": "string", "nullable": False}]
+    good = [(i, -1.5 + i * 0.125, ["it's", "a\\b", "--x", ""][i % 4], "ab"[i % 2]) for i in range(24)]
+    bad = [(90, -1.6, "it's", "a"), (91, 2.6, "a\\b", "b"), (92, 0.0, "it", "a")]
+    path = tmp_path / "odd.csv"
+    with path.open("w", newline="") as out:
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow([c["name"] for c in columns])
+        writer.writerows(good + bad)
+    cfg = table_config(path, tmp_path / "run", source={"columns": columns, "label": label, "max_bad_fraction": 0.5})
+    manifest = run_etl(cfg)
+
+    reasons = {json.loads(row["record"])["id"]: row["reason"] for row in pq.read_table(cfg.quarantine_dir).to_pylist()}
+    assert reasons == {"90": f"column '{odd}': below the minimum -1.5", "91": f"column '{odd}': above the maximum 2.5",
+                       "92": f"column '{tag}': not one of the allowed values [it's, a\\b, --x]"}
+    assert manifest["counts"]["rows_clean"] == len(good)
+    train = [row for row in good if str(row[0]) in set(read_split(cfg, "train").column("id").to_pylist())]
+    values = np.array([row[1] for row in train])
+    scaler = FittedScaler.from_dict(manifest["preprocessing"]["scaler"])
+    np.testing.assert_allclose(scaler.offset, [values.mean()], rtol=1e-9)
+    np.testing.assert_allclose(scaler.scale, [values.std()], rtol=1e-9)
+    quality = json.loads((cfg.dataset_dir / "quality.json").read_text())["columns"]
+    assert quality[odd]["all"]["min"] == -1.5 and quality[tag]["all"]["null_rate"] == pytest.approx(6 / 24)
+    assert manifest["classes"] == ["a", "b"]
+    tokens = manifest["preprocessing"]["categorical"][tag]["tokens"]
+    assert sorted(tokens[1:]) == ["--x", "a\\b", "it's"]  # after the reserved unknown-category token
+    written = read_split(cfg, "train").select(["id", f"{tag}_index"]).to_pylist()
+    assert {row[f"{tag}_index"] for row in written if int(row["id"]) % 4 == 1} == {tokens.index("a\\b")}
+
+
 def test_the_etl_logs_each_pass_with_its_counts(spark, csv_source, tmp_path, caplog):
     """Progress for a long job: a line as each pass over the data ends, the counts in it."""
     caplog.set_level(logging.INFO, logger="dlpipe")
