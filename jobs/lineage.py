@@ -19,7 +19,7 @@ from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
 
 from jobs.config import PipelineConfig
-from jobs.tracking import use_experiment
+from jobs.tracking import log_config, use_experiment
 
 log = logging.getLogger("dlpipe.lineage")
 
@@ -42,11 +42,12 @@ def dataset_input(cfg: PipelineConfig, manifest: dict) -> MetaDataset:
 
 @contextmanager
 def etl_run(cfg: PipelineConfig) -> Iterator[mlflow.ActiveRun]:
-    """The ETL stage's MLflow run: the ETL config as params, tagged with the stage and the raw input path."""
+    """The ETL stage's MLflow run: the ETL config as params (and `config.yaml`), tagged with the stage and the raw
+    input path."""
     use_experiment(cfg)
     with mlflow.start_run(run_name=f"etl-{cfg.name}") as run:
         mlflow.set_tags({"dlpipe.stage": "etl", "source.path": str(cfg.source.path.resolve())})
-        mlflow.log_params({key: value for key, value in cfg.as_params().items() if key.split(".")[0] in ETL_SECTIONS})
+        log_config(cfg, ETL_SECTIONS)
         yield run
 
 

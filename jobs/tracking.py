@@ -10,13 +10,14 @@ import urllib.error
 import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Collection, Iterator
 from urllib.parse import urlparse
 
 import mlflow
 from mlflow.entities import Metric
 from mlflow.environment_variables import MLFLOW_HTTP_REQUEST_MAX_RETRIES, MLFLOW_HTTP_REQUEST_TIMEOUT
 from mlflow.exceptions import MlflowException
+from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 
 from jobs.config import PipelineConfig, mask_secrets
 
@@ -56,6 +57,18 @@ def use_experiment(cfg: PipelineConfig) -> str:
     if experiment is None:
         mlflow.create_experiment(cfg.experiment_name, artifact_location=cfg.artifact_location)
     return mlflow.set_experiment(cfg.experiment_name).experiment_id
+
+
+def log_config(cfg: PipelineConfig, sections: Collection[str] | None = None) -> None:
+    """On the active run: the config (its `sections`, or all of it) as params, and the whole of it as `config.yaml`.
+
+    A value longer than MLflow keeps in a param (a wide table's `source.columns`) would be cut short with a
+    warning; its param says where the value is instead.
+    """
+    params = {key: value for key, value in cfg.as_params().items() if sections is None or key.split(".")[0] in sections}
+    mlflow.log_params({key: value if len(str(value)) <= MAX_PARAM_VAL_LENGTH
+                       else f"({len(str(value))} characters: see config.yaml)" for key, value in params.items()})
+    mlflow.log_text(cfg.to_yaml(), "config.yaml")
 
 
 @contextmanager

@@ -35,7 +35,7 @@ from dl.trainer import fit, resumes
 from jobs.config import ConfigError, PipelineConfig, load_config
 from jobs.lineage import link_training_to_dataset
 from jobs.stage import configure_logging, stage
-from jobs.tracking import MetricsBuffer, TrackingUnavailable, record_outage, use_experiment
+from jobs.tracking import MetricsBuffer, TrackingUnavailable, log_config, record_outage, use_experiment
 from pipelines.atomic import write_text_atomic
 from pipelines.dataset import read_manifest
 from pipelines.errors import DataError
@@ -68,13 +68,12 @@ def tracked_run(cfg: PipelineConfig, manifest: dict) -> Iterator[mlflow.ActiveRu
         return
     with mlflow.start_run(run_name=f"train-{cfg.name}") as run:
         write_text_atomic(run_id_file, run.info.run_id)
-        mlflow.log_params(cfg.as_params())
+        log_config(cfg)
         mlflow.set_tags({
             "dlpipe.stage": "train",
             "dataset.path": str(cfg.dataset_dir.resolve()),
             "dataset.content_hash": manifest["source"]["content_hash"],
         })
-        mlflow.log_text(cfg.to_yaml(), "config.yaml")
         mlflow.log_dict(manifest, "manifest.json")
         quality = cfg.dataset_dir / "quality.json"
         if quality.is_file():

@@ -11,13 +11,16 @@ import zipfile
 from datetime import date, datetime
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
 from jobs.config import ConfigError, PipelineConfig, validate_config
 from jobs.etl import UNKNOWN_CATEGORY, run_etl
+from jobs.tracking import log_config, use_experiment
 from pipelines.caching import kept_as_parquet
 from pipelines.errors import DataError
 from pipelines.file_refusals import file_refusals_named, refusal
@@ -166,6 +169,21 @@ def test_names_values_and_bounds_are_used_as_written_whatever_characters_they_ho
     assert sorted(tokens[1:]) == ["--x", "a\\b", "it's"]  # after the reserved unknown-category token
     written = read_split(cfg, "train").select(["id", f"{tag}_index"]).to_pylist()
     assert {row[f"{tag}_index"] for row in written if int(row["id"]) % 4 == 1} == {tokens.index("a\\b")}
+
+
+def test_a_wide_tables_columns_are_logged_whole_in_config_yaml_not_cut_short_in_a_param(tmp_path):
+    columns = [{"name": "id", "type": "int", "nullable": False},
+               *[{"name": f"feature_{i:03d}", "type": "double", "nullable": False} for i in range(300)]]
+    cfg = table_config(tmp_path / "raw.csv", tmp_path / "run", source={"columns": columns, "label": None})
+    use_experiment(cfg)
+    with mlflow.start_run() as run:
+        log_config(cfg, ("source", "split"))
+    logged = mlflow.get_run(run.info.run_id)
+    size = len(str(cfg.as_params()["source.columns"]))
+    assert size > 6000 and logged.data.params["source.columns"] == f"({size} characters: see config.yaml)"
+    assert logged.data.params["source.key"] == "id" and "train.world_size" not in logged.data.params
+    saved = yaml.safe_load(mlflow.artifacts.load_text(f"{run.info.artifact_uri}/config.yaml"))
+    assert [c["name"] for c in saved["source"]["columns"]] == [c["name"] for c in columns]
 
 
 def test_the_etl_logs_each_pass_with_its_counts(spark, csv_source, tmp_path, caplog):
