@@ -81,17 +81,29 @@ memory, and Spark's seconds growing linearly from 1M to 10M rows. The spec's anc
 this job: 10M rows pandas 135 s / 10.3 GB, polars 52 s / 4.8 GB, a straightforward Spark job 113 s / 1.3 GB
 JVM; 1M rows pandas 12.3 s, polars 4.4 s, Spark 31 s.
 
-**Where it stands (record above, 2026-11-24 09:12-09:23 UTC, load average 2.2 on average, 2.9 at most, AMD
-EPYC host): the speed goal is not met. dlpipe's ETL runs at 0.30x polars' rows/s at 10M rows (112.4 s against
-33.6 s; 0.6x would be 56 s).** The record before it (2026-11-23 22:56 UTC) had the same ratio (119.0 s against
-36.0 s); between the two the CSV reader got its RFC 4180 quote escape, an explicit encoding and a check for
-undecodable bytes in free text columns (this data has none: its two string columns have allowed sets), and Spark
-its time-parser policy: no cost that this machine's noise would show. The 1 GB-driver run took 108.2 s. Memory:
-with `spark.driver_memory: 1g` the 10M-row job peaks at 1.7 GB (summed PSS, Python + JVM), 0.17 of pandas' 10.0 GB
-(goal: under a quarter, met, as in every record); with the default 2g at 2.0 GB (0.21) in this record and 2.8 GB
-(0.27) in the one before: a 2 GB heap grows as far as its collector lets it, so that peak varies from run to run,
-while the 1 GB driver's stays at 1.7 GB. Growth from 1M to 10M rows is sub-linear (35.2 s -> 112.4 s: the JVM
-start, the MLflow store and ~25 Spark jobs' planning and code generation are fixed costs).
+**Where it stands (record above, 2026-11-24 18:26-18:38 UTC, load average 2.3 on average, 3.2 at most, AMD
+EPYC host): the speed goal is not met. dlpipe's ETL runs at 0.33x polars' rows/s at 10M rows (115.8 s against
+37.8 s; 0.6x would be polars' time / 0.6: 63 s).** The records before it: 2026-11-24 09:12 UTC
+112.4 s against 33.6 s (0.30x), 2026-11-23 22:56 UTC 119.0 s against 36.0 s. Between the last two, the per-column
+expressions became Spark SQL text (below, wide tables) and a row's reasons are joined once (`nullif` of
+`concat_ws`) instead of behind a `coalesce` of every problem: on this 22-column table neither shows through the
+noise (Spark's own floors moved as much: parse 21.7 -> 21.5 s, parse and write 45.3 -> 45.7 s). The 1 GB-driver
+run took 122.2 s (108.2 s before). Memory: with `spark.driver_memory: 1g` the 10M-row job peaks at 1.6 GB
+(summed PSS, Python + JVM), 0.16 of pandas' 9.8 GB (goal: under a quarter, met, as in every record); with the
+default 2g at 2.8 GB (0.28) in this record and 2.0 GB (0.21) in the one before: a 2 GB heap grows as far as its
+collector lets it, so that peak varies from run to run, while the 1 GB driver's stays at 1.6-1.7 GB. Growth from
+1M to 10M rows is sub-linear (37.7 s -> 115.8 s: the JVM start, the MLflow store and ~25 Spark jobs' planning
+and code generation are fixed costs).
+
+**Wide tables (2026-11-24, not in the table above).** `dlpipe etl` of a generated CSV of 2,000 rows x 300
+double columns (plus an int key and a string label), on this machine, two runs of each version alternating,
+the `done in` seconds: 45.5 and 48.0 s before, 40.0 and 36.0 s after the per-column expressions (checks, record,
+key, scaler statistics and scaling, quality aggregates, drift bin edges) were built as Spark SQL text, one py4j
+call per projection (`pipelines/sql_text.py`). Profiled with cProfile, the driver made 75,279 py4j calls before
+and 4,253 after; building the checks alone took 6-8 s before, 1.4-4.6 s after (the JVM's SQL parser is cold on
+first use). What is left is Spark's own work for 2,000 rows: planning and compiling 300-column expressions in
+~25 jobs. With `spark.sql.codegen.factoryMode: NO_CODEGEN` (interpreted expressions) the job took 35 s before
+the change, so compiling is ~11 s of it; not adopted, as interpreting costs more than it saves at scale.
 
 **The memory sampler was slowing what it measured.** Reading PSS makes the kernel walk every page of the
 process (~12 ms of CPU per GB); read every 50 ms it took a third of a core from a 2-3 GB JVM's run and two thirds
@@ -102,7 +114,7 @@ are not: 10M rows, the 20:15 record -> the 22:07 one (the first with the new sam
 polars 60.8 -> 34.2 s, dlpipe 151.3 -> 113.6 s, Spark parse 28.3 -> 21.7 s. The earlier records' ratios
 (0.40x, 0.32x) were flattered by a sampler that slowed pandas and polars the most.
 
-**Why 0.6x is out of reach for a Spark job on this machine.** 0.6x polars is 56-60 s. Spark's own floors in
+**Why 0.6x is out of reach for a Spark job on this machine.** 0.6x polars is 56-63 s. Spark's own floors in
 the same records: parsing the CSV alone 21.7-21.9 s; parsing and writing every row as Parquet with Spark's
 defaults 45.3-47.5 s (0.74-0.76x polars, with no checks, split, statistics or features at all), 31.4-34.4 s
 with dictionary encoding off. Measured on the 10M-row CSV, each part the job cannot drop, at its cheapest
