@@ -23,9 +23,9 @@ from pyspark.sql import functions as F
 from pyspark.sql.types import DoubleType, FloatType, StringType, StructField, StructType
 
 from jobs.config import ColumnSpec, ConfigError, TableSource, TextSource, TimeSeriesSource
+from pipelines import sql_text as sql
 from pipelines.caching import kept_as_parquet, materialized
 from pipelines.errors import DataError
-from pipelines import sql_text as sql
 from pipelines.file_refusals import file_refusals_named, refuse_files_not_text
 from pipelines.quarantine import is_quarantined
 from pipelines.spark import small_generated_methods
@@ -178,7 +178,8 @@ def _value_problem(spec: ColumnSpec, raw: str, typed: str, required: bool) -> st
     if spec.max is not None:
         problems.append((f"{typed} > {sql.literal(spec.max)}", sql.literal(f"{where}: above the maximum {spec.max:g}")))
     if spec.type == "string" and spec.allowed is None:  # (an allowed value holds no such character)
-        problems.append((f"contains({typed}, {sql.literal(REPLACEMENT_CHARACTER)})", sql.literal(f"{where}: {UNDECODABLE}")))
+        problems.append((f"contains({typed}, {sql.literal(REPLACEMENT_CHARACTER)})",
+                         sql.literal(f"{where}: {UNDECODABLE}")))
     if spec.allowed is not None:
         allowed = ", ".join(str(v) for v in spec.allowed)
         problems.append((f"NOT ({typed} IN ({', '.join(sql.literal(v) for v in spec.allowed)}))",

@@ -254,8 +254,8 @@ def test_a_text_column_whose_name_holds_a_dot_is_read_as_written(texts, tmp_path
     (tmp_path / "raw" / "texts.csv").write_text(",".join(dotted.values()) + "\n" + csv_text)
     data = cfg.model_dump(mode="json", exclude_unset=True)
     data["run_dir"] = str(tmp_path / "run")
-    data["source"] |= {"path": str(tmp_path / "raw"), "columns": [{**c, "name": dotted[c["name"]]} for c in TEXT_COLUMNS],
-                       "text_column": "the.text", "label": "to.pic"}
+    columns = [{**c, "name": dotted[c["name"]]} for c in TEXT_COLUMNS]
+    data["source"] |= {"path": str(tmp_path / "raw"), "columns": columns, "text_column": "the.text", "label": "to.pic"}
     renamed = validate_config(data, "test")
     got = run_etl(renamed)
     assert got["preprocessing"]["vocabulary"] == manifest["preprocessing"]["vocabulary"]
