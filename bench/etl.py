@@ -105,17 +105,6 @@ first use). What is left is Spark's own work for 2,000 rows: planning and compil
 ~25 jobs. With `spark.sql.codegen.factoryMode: NO_CODEGEN` (interpreted expressions) the job took 35 s before
 the change, so compiling is ~11 s of it; not adopted, as interpreting costs more than it saves at scale.
 
-**The default split, and JSON Lines (2026-11-24, not in the table above).** The benchmark's job uses
-`split.method: hash`; the default is `ranked` (exact counts per label). `dlpipe etl` of a generated JSON Lines
-file of 1M rows (the benchmark's columns, 0.1% bad values, default split), `done in` seconds: 74.9-85.5 s with
-the ranked split as a window over every row, which each later pass (quality report, scaler, vocabularies,
-dataset write) sorted again; 56.4 s once the order is found by one job that collects each label's cut rows and
-the split is a comparison with them (the same rows in each split: checked against the window version on six
-inputs from 2 to 5,000 rows and 1 to 10 labels); `split.method: hash` 52.2 s. Keeping each JSON line for its
-quarantine record (session 15) costs nothing measurable: 74.9 and 80.9 s with it, 77.1 and 76.9 s with the
-values' JSON instead (alternating runs, before the split change). Nor does the one-value-per-line check (72.8
-and 74.9 s without it).
-
 **The memory sampler was slowing what it measured.** Reading PSS makes the kernel walk every page of the
 process (~12 ms of CPU per GB); read every 50 ms it took a third of a core from a 2-3 GB JVM's run and two thirds
 from a 10 GB pandas or polars run, on a 2-core machine. It now reads PSS only when the tree's cheap RSS has grown

@@ -18,9 +18,12 @@ def _boundary(rows: Column, fraction: float) -> Column:
     return F.floor(rows * F.lit(fraction) + F.lit(0.5))
 
 
-def _cut(draw: Column, conf: SplitConf) -> Column:
-    """train / val / test by where `draw` (in [0, 1)) falls among the cuts at the configured fractions."""
-    return F.when(draw < conf.train, "train").when(draw < conf.train + conf.val, "val").otherwise("test")
+def _cut(position: Column, conf: SplitConf, rows: Column | None = None) -> Column:
+    """train / val / test by where `position` falls among the cuts at the configured fractions (of `rows`)."""
+    train, val = (conf.train, conf.train + conf.val)
+    if rows is not None:
+        train, val = _boundary(rows, train), _boundary(rows, val)
+    return F.when(position < train, "train").when(position < val, "val").otherwise("test")
 
 
 def split_rows(df: DataFrame, key_col: str, label_col: str | None, conf: SplitConf) -> DataFrame:
@@ -74,30 +77,9 @@ def assign_split(df: DataFrame, key_col: str, label_col: str | None, conf: Split
 
     With `stratify` each label is cut on its own, so every class gets its proportions to within one row.
     The order depends only on (seed, key), never on input order or partitioning; keys must be unique.
-    The rows are ordered once, by a job that finds each label's cut rows; `split` is then a comparison of a row's
-    (hash, key) with its label's cuts, so the passes that read it (quality report, fits, write) sort nothing.
     """
-    group = F.col(sql.name(label_col)) if conf.stratify and label_col else F.lit(None)
-    rank = (F.xxhash64(F.lit(conf.seed), F.col(key_col)), F.col(key_col))
-    ranked = df.select(group.alias("group"), rank[0].alias("hash"), rank[1].alias("key"))
-    ordered = Window.partitionBy("group").orderBy("hash", "key")
-    position, rows = F.row_number().over(ordered) - 1, F.count(F.lit(1)).over(Window.partitionBy("group"))
-    at = ranked.select("*", position.alias("position"), _boundary(rows, conf.train).alias("train"),
-                       _boundary(rows, conf.train + conf.val).alias("val"))
-    cuts: dict = {}
-    for row in at.where((F.col("position") == F.col("train")) | (F.col("position") == F.col("val"))).collect():
-        found = cuts.setdefault(row["group"], {})
-        found |= {name: (row["hash"], row["key"]) for name in ("train", "val") if row["position"] == row[name]}
-    split = F.lit("train")  # a label with no row at a cut (too few rows): every row comes before both cuts
-    for value, found in cuts.items():
-        before_train, before_val = (_before(rank, found.get(name)) for name in ("train", "val"))
-        cut = F.when(before_train, "train").when(before_val, "val").otherwise("test")
-        split = F.coalesce(F.when(group.eqNullSafe(F.lit(value)), cut), split)
-    return df.withColumn("split", split)
-
-
-def _before(rank: tuple[Column, Column], cut: tuple | None) -> Column:
-    """True where (hash, key) orders before the `cut` row's; a cut past the last row (None) has every row before it."""
-    if cut is None:
-        return F.lit(True)
-    return (rank[0] < F.lit(cut[0])) | ((rank[0] == F.lit(cut[0])) & (rank[1] < F.lit(cut[1])))
+    group = [F.col(label_col)] if conf.stratify and label_col else []
+    ordered = Window.partitionBy(*group).orderBy(F.xxhash64(F.lit(conf.seed), F.col(key_col)), F.col(key_col))
+    position = F.row_number().over(ordered) - 1
+    rows = F.count(F.lit(1)).over(Window.partitionBy(*group))
+    return df.withColumn("split", _cut(position, conf, rows))

@@ -11,7 +11,6 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
-from pyspark.sql import functions as F
 
 from jobs.config import OutputConf, PipelineConfig, SplitConf, validate_config
 from jobs.etl import run_etl
@@ -151,26 +150,6 @@ def test_splits_are_disjoint_cover_every_clean_row_and_keep_class_proportions(et
             count = labels[split].count(index)
             assert count == EXPECTED_BALANCE[split][name]
             assert abs(count - CLASS_SIZES[name] * fraction) < 1
-
-
-def test_ranked_split_cuts_each_label_at_its_exact_counts_and_later_passes_sort_nothing(spark):
-    sizes = {"one": 1, "two": 2, "three": 3, "twenty": 20}  # cuts at floor(n * 0.70 + 0.5), floor(n * 0.85 + 0.5)
-    rows = [(f"{label}-{i}", label) for label, n in sizes.items() for i in range(n)]
-    df = spark.createDataFrame(rows, "id string, label string").repartition(3)
-    hashed = df.select("id", "label", F.xxhash64(F.lit(42), "id").alias("hash")).collect()
-    expected = {}
-    for label, n in sizes.items():
-        ordered = sorted((row["hash"], row["id"]) for row in hashed if row["label"] == label)
-        train, val = int(n * 0.70 + 0.5), int(n * 0.85 + 0.5)
-        expected |= {key: "train" if i < train else "val" if i < val else "test" for i, (_, key) in enumerate(ordered)}
-
-    split = assign_split(df, "id", "label", SplitConf())
-    assert dict(split.select("id", "split").collect()) == expected
-    counts = {label: [list(expected[f"{label}-{i}"] for i in range(n)).count(s) for s in ("train", "val", "test")]
-              for label, n in sizes.items()}
-    assert counts == {"one": [1, 0, 0], "two": [1, 1, 0], "three": [2, 1, 0], "twenty": [14, 3, 3]}
-    # the order is found once, when the split is planned: a pass over the split rows runs no window (no sort)
-    assert "Window" not in split._jdf.queryExecution().executedPlan().toString()
 
 
 def test_split_is_deterministic_and_ignores_input_order_and_partitioning(spark, etl):
