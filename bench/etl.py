@@ -105,6 +105,17 @@ first use). What is left is Spark's own work for 2,000 rows: planning and compil
 ~25 jobs. With `spark.sql.codegen.factoryMode: NO_CODEGEN` (interpreted expressions) the job took 35 s before
 the change, so compiling is ~11 s of it; not adopted, as interpreting costs more than it saves at scale.
 
+**The default split, and JSON Lines (2026-11-24, not in the table above).** The benchmark's job uses
+`split.method: hash`; the default is `ranked` (exact counts per label), a window over every row that each later
+pass (quality report, scaler, vocabularies, dataset write) sorts again. `dlpipe etl` of a generated JSON Lines
+file of 1M rows (the benchmark's columns, 0.1% bad values), `done in` seconds: 74.9-85.5 s with the default
+split, 52.2 s with `split.method: hash`. Tried and reverted: finding each label's cut rows in one job and
+splitting by comparison with them (56.4 s, the same rows in each split); without the window's shuffle, the
+dataset write merged a small input's partitions into files holding no train row (`_in_files`), which the
+image-label tests caught. Keeping each JSON line for its quarantine record (session 15) costs nothing
+measurable: 74.9 and 80.9 s with it, 77.1 and 76.9 s with the values' JSON instead (alternating runs); nor does
+the one-value-per-line check (72.8 and 74.9 s without it).
+
 **The memory sampler was slowing what it measured.** Reading PSS makes the kernel walk every page of the
 process (~12 ms of CPU per GB); read every 50 ms it took a third of a core from a 2-3 GB JVM's run and two thirds
 from a 10 GB pandas or polars run, on a 2-core machine. It now reads PSS only when the tree's cheap RSS has grown
