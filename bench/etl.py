@@ -106,13 +106,16 @@ first use). What is left is Spark's own work for 2,000 rows: planning and compil
 the change, so compiling is ~11 s of it; not adopted, as interpreting costs more than it saves at scale.
 
 **The default split, and JSON Lines (2026-11-24, not in the table above).** The benchmark's job uses
-`split.method: hash`; the default is `ranked` (exact counts per label), a window over every row that each later
-pass (quality report, scaler, vocabularies, dataset write) sorts again. `dlpipe etl` of a generated JSON Lines
-file of 1M rows (the benchmark's columns, 0.1% bad values), `done in` seconds: 74.9-85.5 s with the default
-split, 52.2 s with `split.method: hash`. Tried and reverted: finding each label's cut rows in one job and
-splitting by comparison with them (56.4 s, the same rows in each split); without the window's shuffle, the
-dataset write merged a small input's partitions into files holding no train row (`_in_files`), which the
-image-label tests caught. Keeping each JSON line for its quarantine record (session 15) costs nothing
+`split.method: hash`; the default is `ranked` (exact counts per label). It was a window over every row that each
+later pass (quality report, scaler, vocabularies, dataset write) sorted again. `dlpipe etl` of a generated JSON
+Lines file of 1M rows (the benchmark's columns, 0.1% bad values), `done in` seconds: 74.9-85.5 s with the default
+split, 52.2 s with `split.method: hash`. Now one job orders the rows and finds each label's cut rows; the split is
+a comparison with them (a broadcast table of at most two rows per label), so no later pass sorts: 57.5 and 57.4 s,
+against 80.8 s for the window in the same session, with the same rows in each split (compared on seven inputs of
+2 to 5,000 rows, 1 to 50 labels, null labels, string and long keys). Without the window's shuffle, the dataset
+write used to merge a small input's partitions into files that could hold no train row; it now merges only when
+every split has at least 1,000 rows per file (`pipelines/dataset.py::_in_files`), and deals smaller ones
+round-robin. Keeping each JSON line for its quarantine record (session 15) costs nothing
 measurable: 74.9 and 80.9 s with it, 77.1 and 76.9 s with the values' JSON instead (alternating runs); nor does
 the one-value-per-line check (72.8 and 74.9 s without it).
 

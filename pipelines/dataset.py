@@ -17,13 +17,14 @@ from pyspark.sql import functions as F
 
 from jobs.config import OutputConf, PipelineConfig
 from pipelines.atomic import atomic_directory
-from pipelines.errors import DataError
 from pipelines import sql_text as sql
+from pipelines.errors import DataError
 from pipelines.quality import QUALITY_NAME
 from pipelines.spark import concurrent_writers
 from pipelines.split import SPLITS
 
 MANIFEST_NAME = "manifest.json"
+MERGE_ROWS_PER_FILE = 1000  # a split's rows per file above which files are merged input partitions (no shuffle)
 
 
 def write_quarantine(rows: DataFrame, path: Path) -> None:
@@ -161,14 +162,17 @@ def _row_groups(split_dir: Path) -> int:
     return sum(pq.ParquetFile(path).num_row_groups for path in split_dir.glob("*.parquet"))
 
 
-def _in_files(dataset: DataFrame, files: int) -> DataFrame:
+def _in_files(dataset: DataFrame, files: int, split_rows: dict[str, int]) -> DataFrame:
     """`dataset` in partitions that each become one file per split, `files` per split.
 
-    An input of at least `files` partitions (a large one) has them merged: no shuffle, each file holds runs of
-    input rows. A smaller input is shuffled: each split is spread round-robin over exactly `files` equal parts,
-    so even a tiny train split has a row group for every rank.
+    A large input (at least `files` partitions, and `MERGE_ROWS_PER_FILE` rows of every split per file, by its
+    `split_rows`) has its partitions merged: no shuffle, each file holds runs of input rows, and a split that is drawn
+    by key (ranked or hash) reaches every file. A smaller input is shuffled: each split is dealt round-robin over
+    `files` parts (each input partition starting at a part of its own), so a small train split still has row groups
+    for its ranks.
     """
-    if dataset.rdd.getNumPartitions() >= files:
+    smallest = min(split_rows.get(split, 0) for split in SPLITS)
+    if dataset.rdd.getNumPartitions() >= files and smallest >= files * MERGE_ROWS_PER_FILE:
         return dataset.coalesce(files)
     per_split = [dataset.where(F.col("split") == split).repartition(files) for split in SPLITS]
     return reduce(DataFrame.unionByName, per_split)
@@ -183,14 +187,15 @@ def write_dataset(
     world_size: int,
     describe_written: Callable[[Path], dict] | None = None,
 ) -> dict:
-    """Write `output.files_per_split` Parquet files per split (`_in_files`), manifest.json and quality.json, replacing
-    `out_dir` atomically; returns the manifest, with the fields `describe_written(written folder)` adds (e.g.
-    baselines).
+    """Write `output.files_per_split` Parquet files per split (`_in_files`, by the manifest's `counts` per split),
+    manifest.json and quality.json, replacing `out_dir` atomically; returns the manifest, with the fields
+    `describe_written(written folder)` adds (e.g. baselines).
 
     Raises DataError (leaving any previous dataset in place) when the train split has fewer row groups than
     `world_size`: petastorm shards row groups across ranks.
     """
-    writer = _in_files(dataset, output.files_per_split).write.option("parquet.block.size", output.row_group_bytes)
+    in_files = _in_files(dataset, output.files_per_split, manifest["counts"])
+    writer = in_files.write.option("parquet.block.size", output.row_group_bytes)
     with atomic_directory(out_dir) as staging:
         with concurrent_writers(dataset.sparkSession, len(SPLITS)):  # one open file per split, rows never sorted
             writer.partitionBy("split").parquet(str(staging))

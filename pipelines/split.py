@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
+from pyspark.sql.types import StructField, StructType
 
 from jobs.config import SplitConf
 from pipelines import sql_text as sql
@@ -11,6 +12,8 @@ from pipelines.errors import DataError
 SPLITS = ("train", "val", "test")
 HASH_BUCKETS = 1 << 20  # a row's hash bucket / HASH_BUCKETS is its uniform draw in [0, 1)
 TIME_CUT_ACCURACY = 100_000  # percentile_approx accuracy of the time cuts
+_GROUP, _RANK, _CUT_GROUP = "_split_group", "_split_rank", "_split_cut_group"
+_CUTS = ("_split_first_val", "_split_first_test")  # the ranks the train and val splits end before
 
 
 def _boundary(rows: Column, fraction: float) -> Column:
@@ -18,12 +21,9 @@ def _boundary(rows: Column, fraction: float) -> Column:
     return F.floor(rows * F.lit(fraction) + F.lit(0.5))
 
 
-def _cut(position: Column, conf: SplitConf, rows: Column | None = None) -> Column:
-    """train / val / test by where `position` falls among the cuts at the configured fractions (of `rows`)."""
-    train, val = (conf.train, conf.train + conf.val)
-    if rows is not None:
-        train, val = _boundary(rows, train), _boundary(rows, val)
-    return F.when(position < train, "train").when(position < val, "val").otherwise("test")
+def _cut(draw: Column, conf: SplitConf) -> Column:
+    """train / val / test by where `draw` (in [0, 1)) falls among the cuts at the configured fractions."""
+    return F.when(draw < conf.train, "train").when(draw < conf.train + conf.val, "val").otherwise("test")
 
 
 def split_rows(df: DataFrame, key_col: str, label_col: str | None, conf: SplitConf) -> DataFrame:
@@ -77,9 +77,32 @@ def assign_split(df: DataFrame, key_col: str, label_col: str | None, conf: Split
 
     With `stratify` each label is cut on its own, so every class gets its proportions to within one row.
     The order depends only on (seed, key), never on input order or partitioning; keys must be unique.
+    The rows are ordered once, by a job that finds each label's cut rows; `split` is then a comparison of a row's
+    (hash, key) with its label's cuts (a broadcast table of at most two rows per label), so the passes that read
+    it (quality report, fits, write) sort nothing.
     """
-    group = [F.col(label_col)] if conf.stratify and label_col else []
-    ordered = Window.partitionBy(*group).orderBy(F.xxhash64(F.lit(conf.seed), F.col(key_col)), F.col(key_col))
-    position = F.row_number().over(ordered) - 1
-    rows = F.count(F.lit(1)).over(Window.partitionBy(*group))
-    return df.withColumn("split", _cut(position, conf, rows))
+    group = F.col(sql.name(label_col)) if conf.stratify and label_col else F.lit(0)
+    ranked = df.select("*", group.alias(_GROUP), F.struct(F.xxhash64(F.lit(conf.seed), F.col(key_col)).alias("hash"),
+                                                          F.col(key_col).alias("key")).alias(_RANK))
+    cuts = _cut_rows(ranked.select(_GROUP, _RANK), conf)
+    joined = ranked.join(F.broadcast(cuts), ranked[_GROUP].eqNullSafe(cuts[_CUT_GROUP]), "left")
+    before = {cut: F.col(cut).isNull() | (F.col(_RANK) < F.col(cut)) for cut in _CUTS}  # no cut row: all before it
+    split = F.when(before[_CUTS[0]], "train").when(before[_CUTS[1]], "val").otherwise("test")
+    return joined.withColumn("split", split).drop(_GROUP, _RANK, _CUT_GROUP, *_CUTS)
+
+
+def _cut_rows(ranked: DataFrame, conf: SplitConf) -> DataFrame:
+    """Per group: the ranks of its first val row and first test row (`_CUTS`), null where the group has no such row.
+    One job orders the rows; the at most two rows per group it finds are the table returned."""
+    ordered = Window.partitionBy(_GROUP).orderBy(_RANK)
+    position, rows = F.row_number().over(ordered) - 1, F.count(F.lit(1)).over(Window.partitionBy(_GROUP))
+    at = ranked.select("*", position.alias("position"), _boundary(rows, conf.train).alias("train"),
+                       _boundary(rows, conf.train + conf.val).alias("val"))
+    found: dict = {}
+    for row in at.where((F.col("position") == F.col("train")) | (F.col("position") == F.col("val"))).collect():
+        cuts = found.setdefault(row[_GROUP], {"train": None, "val": None})
+        cuts |= {end: row[_RANK] for end in cuts if row["position"] == row[end]}
+    rank_type = ranked.schema[_RANK].dataType
+    schema = StructType([StructField(_CUT_GROUP, ranked.schema[_GROUP].dataType),
+                         *[StructField(cut, rank_type) for cut in _CUTS]])
+    return ranked.sparkSession.createDataFrame([(g, c["train"], c["val"]) for g, c in found.items()], schema)

@@ -11,6 +11,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+from pyspark.sql import functions as F
 
 from jobs.config import OutputConf, PipelineConfig, SplitConf, validate_config
 from jobs.etl import run_etl
@@ -152,6 +153,26 @@ def test_splits_are_disjoint_cover_every_clean_row_and_keep_class_proportions(et
             assert abs(count - CLASS_SIZES[name] * fraction) < 1
 
 
+def test_ranked_split_cuts_each_label_at_its_exact_counts_and_later_passes_sort_nothing(spark):
+    sizes = {"one": 1, "two": 2, "three": 3, "twenty": 20}  # cuts at floor(n * 0.70 + 0.5), floor(n * 0.85 + 0.5)
+    rows = [(f"{label}-{i}", label) for label, n in sizes.items() for i in range(n)]
+    df = spark.createDataFrame(rows, "id string, label string").repartition(3)
+    hashed = df.select("id", "label", F.xxhash64(F.lit(42), "id").alias("hash")).collect()
+    expected = {}
+    for label, n in sizes.items():
+        ordered = sorted((row["hash"], row["id"]) for row in hashed if row["label"] == label)
+        train, val = int(n * 0.70 + 0.5), int(n * 0.85 + 0.5)
+        expected |= {key: "train" if i < train else "val" if i < val else "test" for i, (_, key) in enumerate(ordered)}
+
+    split = assign_split(df, "id", "label", SplitConf())
+    assert dict(split.select("id", "split").collect()) == expected
+    counts = {label: [list(expected[f"{label}-{i}"] for i in range(n)).count(s) for s in ("train", "val", "test")]
+              for label, n in sizes.items()}
+    assert counts == {"one": [1, 0, 0], "two": [1, 1, 0], "three": [2, 1, 0], "twenty": [14, 3, 3]}
+    # the order is found once, when the split is planned: a pass over the split rows runs no window (no sort)
+    assert "Window" not in split._jdf.queryExecution().executedPlan().toString()
+
+
 def test_split_is_deterministic_and_ignores_input_order_and_partitioning(spark, etl):
     cfg, _ = etl
     written = {
@@ -263,30 +284,35 @@ def test_too_many_bad_files_fail_with_the_fraction_and_quarantine_path(spark, tm
     assert not cfg.dataset_dir.exists()
 
 
-@pytest.mark.parametrize("partitions", [6, 1])
-def test_each_split_is_written_as_files_per_split_files_holding_each_row_once(spark, tmp_path, partitions):
-    """Six partitions are merged into 2 per split without a shuffle (each file holds whole input partitions, rows in
-    input order); a single partition is shuffled so that each split spreads evenly over its 2 files."""
-    splits = [("train", "train", "val", "test")[i % 4] for i in range(120)]
-    rows = spark.createDataFrame([(f"{i:03d}", [float(i)], split) for i, split in enumerate(splits)],
-                                 "id string, features array<float>, split string")
-    rows = rows.repartitionByRange(partitions, "id").sortWithinPartitions("id")  # partition k: the k-th id range
+@pytest.mark.parametrize("rows_in, partitions, merged", [(8400, 6, True), (8400, 1, False), (120, 6, False)])
+def test_each_split_is_written_as_files_per_split_files_holding_each_row_once(spark, tmp_path, rows_in, partitions,
+                                                                                merged):
+    """With 2 files per split, six partitions whose smallest split has 2,100 rows (over 1,000 per file) are merged
+    without a shuffle: each file holds whole input partitions, rows in input order. A single partition, or six holding
+    only 30 rows of a split, are shuffled so that each split spreads over both files."""
+    splits = [("train", "train", "val", "test")[i % 4] for i in range(rows_in)]
+    rows = spark.range(rows_in, numPartitions=partitions).selectExpr(  # partition k: the k-th run of ids, in order
+        "lpad(id, 5, '0') AS id", "array(CAST(id AS FLOAT)) AS features",
+        "element_at(array('train', 'train', 'val', 'test'), CAST(id % 4 AS INT) + 1) AS split")
+    per_partition = rows_in // partitions
     writers = spark.conf.get(CONCURRENT_WRITERS, None)
-    write_dataset(rows, tmp_path / "out", {}, {}, OutputConf(files_per_split=2), world_size=2)
+    counts = {split: splits.count(split) for split in ("train", "val", "test")}
+    write_dataset(rows, tmp_path / "out", {"counts": counts}, {}, OutputConf(files_per_split=2), world_size=2)
     assert spark.conf.get(CONCURRENT_WRITERS, None) == writers  # the write's own setting is not left behind
     for split in ("train", "val", "test"):
         paths = sorted((tmp_path / "out" / f"split={split}").glob("*.parquet"))
         files = [pq.read_table(path).column("id").to_pylist() for path in paths]
         assert len(files) == 2
-        assert sorted(i for ids in files for i in ids) == [f"{i:03d}" for i, s in enumerate(splits) if s == split]
-        if partitions > 1:  # each input partition (ids 0-19, 20-39, ...) is one run of one file, in input order
-            groups = [[int(i) // 20 for i in ids] for ids in files]
+        assert sorted(i for ids in files for i in ids) == [f"{i:05d}" for i, s in enumerate(splits) if s == split]
+        groups = [[int(i) // per_partition for i in ids] for ids in files]  # the input partition of each row
+        if merged:  # each input partition is one run of one file, in input order
             runs = [g for file in groups for k, g in enumerate(file) if k == 0 or file[k - 1] != g]
-            assert len(runs) == len(set(runs))
+            assert len(runs) == len(set(runs)) == partitions
             assert all(ids[k] < ids[k + 1] for ids, file in zip(files, groups) for k in range(len(ids) - 1)
                        if file[k] == file[k + 1])
-        else:
-            assert abs(len(files[0]) - len(files[1])) <= 1
+        else:  # each input partition deals its rows round-robin (from a part of its own) to both files
+            assert all(set(file) == set(range(partitions)) for file in groups)
+            assert abs(len(files[0]) - len(files[1])) <= partitions
 
 
 def test_train_split_with_fewer_row_groups_than_ranks_fails_and_writes_no_dataset(spark, tmp_path):
