@@ -109,7 +109,7 @@ def _table_etl(spark: SparkSession, cfg: PipelineConfig) -> dict:
         train = _train(rows)
         scaler = fit_scaler(train, tables.raw_feature_values(numeric), cfg.normalize, group_size=1, names=numeric)
         vocabularies = fit_vocabularies(train, categorical, (UNKNOWN_CATEGORY,), oov_id=0)
-        indexed = rows.select("*", *[v.index(F.col(sql.name(n))).alias(f"{n}_index") for n, v in vocabularies.items()])
+        indexed = rows.select("*", *[v.index(sql.column(n)).alias(f"{n}_index") for n, v in vocabularies.items()])
         dataset = dataset_columns(
             indexed.withColumn("features", scaler.column(tables.raw_feature_values(numeric))),
             cfg.output.keep_raw,
@@ -179,7 +179,7 @@ def _text_etl(spark: SparkSession, cfg: PipelineConfig) -> dict:
         counts, reasons = _quarantine(checked, tables.is_clean(), cfg)
         tables.check_duplicates(checked, reasons, source, cfg.quarantine_dir)
         clean, classes = _encoded_labels(checked.where(tables.is_clean()), source.label)
-        clean = text.with_length(clean.withColumn("text", F.col(sql.name(source.text_column))), source.max_length)
+        clean = text.with_length(clean.withColumn("text", sql.column(source.text_column)), source.max_length)
         declared, never_null = _quality_columns(source)
         rows, balance, quality = _split(clean, classes, cfg, counts["rows_clean"], [*declared, "length"], never_null)
         vocabulary = text.fit_text_vocabulary(_train(rows), source)
@@ -237,7 +237,7 @@ def _encoded_labels(clean: DataFrame, label_col: str | None) -> tuple[DataFrame,
     """(rows with the int `label` of `label_col`, class names); unchanged rows and no classes without a label."""
     if not label_col:
         return clean, []
-    clean = clean.withColumn("label", F.col(sql.name(label_col)).cast("string"))
+    clean = clean.withColumn("label", sql.column(label_col).cast("string"))
     classes = class_names(clean, "label")
     return encode_labels(clean, "label", classes), classes
 

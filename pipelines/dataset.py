@@ -121,7 +121,7 @@ def dataset_columns(
     """The contract's columns in order: `id`, `label` when labelled, `features`, `raw` when kept, `extra` (names as
     written: a categorical index may hold a dot), `split`."""
     head = ["id", *(["label"] if labelled else []), *features, *([raw] if keep_raw else [])]
-    return rows.select(*[F.col(sql.name(name)) for name in (*head, *extra, "split")])
+    return rows.select(*[sql.column(name) for name in (*head, *extra, "split")])
 
 
 def build_manifest(

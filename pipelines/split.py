@@ -66,7 +66,7 @@ def time_split(df: DataFrame, time_col: str, conf: SplitConf) -> DataFrame:
     The cuts are the train and train+val quantiles of `time_col` over all rows (one aggregation pass); rows
     sharing a timestamp share a split, so no series sees a later moment of another in its training data.
     """
-    micros = F.unix_micros(F.col(sql.name(time_col)).cast("timestamp"))
+    micros = F.unix_micros(sql.column(time_col).cast("timestamp"))
     quantiles = F.percentile_approx(micros, [conf.train, conf.train + conf.val], TIME_CUT_ACCURACY)
     val_from, test_from = df.agg(quantiles.alias("cuts")).first()["cuts"]
     return df.withColumn("split", F.when(micros < val_from, "train").when(micros < test_from, "val").otherwise("test"))
@@ -81,7 +81,7 @@ def assign_split(df: DataFrame, key_col: str, label_col: str | None, conf: Split
     (hash, key) with its label's cuts (a broadcast table of at most two rows per label), so the passes that read
     it (quality report, fits, write) sort nothing.
     """
-    group = F.col(sql.name(label_col)) if conf.stratify and label_col else F.lit(0)
+    group = sql.column(label_col) if conf.stratify and label_col else F.lit(0)
     ranked = df.select("*", group.alias(_GROUP), F.struct(F.xxhash64(F.lit(conf.seed), F.col(key_col)).alias("hash"),
                                                           F.col(key_col).alias("key")).alias(_RANK))
     cuts = _cut_rows(ranked.select(_GROUP, _RANK), conf)

@@ -2,16 +2,24 @@
 
 Built as `Column` objects, every operation is a py4j call to the JVM (0.1-0.6 ms each): a 300-column table's
 checks took 75,000 of them. Written as SQL text, such an expression is one call, parsed in the JVM into the same
-plan (BENCHMARKS.md, wide tables).
+plan (BENCHMARKS.md, wide tables). Declared columns are named as written here too (`name`, `column`).
 """
 from __future__ import annotations
 
 import math
 
+from pyspark.sql import Column
+from pyspark.sql import functions as F
+
 
 def name(*parts: str) -> str:
     """A column, or a field of a struct column, as a quoted identifier: name("a", "b") is `a`.`b`."""
     return ".".join("`" + part.replace("`", "``") + "`" for part in parts)
+
+
+def column(*parts: str) -> Column:
+    """The column named as written (a dot, backtick or quote is part of the name, never a struct field path)."""
+    return F.col(name(*parts))
 
 
 def literal(value: str | float | int | bool | None) -> str:

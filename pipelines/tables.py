@@ -307,7 +307,7 @@ def ingest_table(spark: SparkSession, source: FileSource, files: list[Path],
         checked = check(checked)
     record = F.when(is_quarantined(), F.expr(_record(source))).alias("record")  # built only for a quarantined row
     rest = [c for c in checked.columns if c not in ("source_file", "position", "id", *helpers)]
-    return checked.select("source_file", "position", "id", record, *[F.col(sql.name(c)) for c in rest])
+    return checked.select("source_file", "position", "id", record, *[sql.column(c) for c in rest])
 
 
 @contextmanager

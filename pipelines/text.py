@@ -39,7 +39,7 @@ def tokenize(checked: DataFrame, source: TextSource) -> DataFrame:
         inputCol=_TEXT, outputCol="tokens", pattern=source.token_pattern, gaps=True, toLowercase=False,
         minTokenLength=source.min_token_length,
     )
-    text = F.coalesce(F.col(sql.name(source.text_column)), F.lit(""))
+    text = F.coalesce(sql.column(source.text_column), F.lit(""))
     text = checked.withColumn(_TEXT, F.pandas_udf(lowercase, "string")(text) if source.lowercase else text)
     tokens = tokenizer.transform(text).drop(_TEXT)
     empty = F.when(F.size("tokens") == 0, F.lit(empty_text_reason(source.text_column)))

@@ -79,5 +79,5 @@ def _tagged_tokens(train: DataFrame, column: str) -> Column:
     """The row's tokens of `column` as an array of (column, token) structs."""
     tag = lambda token: F.struct(F.lit(column).alias("column"), token.alias("token"))  # noqa: E731
     if isinstance(train.schema[column].dataType, ArrayType):
-        return F.transform(F.col(sql.name(column)), tag)
-    return F.array(tag(F.col(sql.name(column))))
+        return F.transform(sql.column(column), tag)
+    return F.array(tag(sql.column(column)))

@@ -32,18 +32,18 @@ def sliding_windows(
     """One row per complete window: `id` (its last input step's), `split`, `features` and `raw_features` (the steps'
     arrays concatenated time-major, L x n_inputs) and `target` (the next H values of `target_col`)."""
     check_series_fit_windows(steps, conf, series_col)
-    series = [F.col(sql.name(series_col))] if series_col else []  # names as written: a dot is no struct field
-    order = Window.partitionBy(*series, "split").orderBy(F.col(sql.name(time_col)))
+    series = [sql.column(series_col)] if series_col else []
+    order = Window.partitionBy(*series, "split").orderBy(sql.column(time_col))
     past = order.rowsBetween(1 - conf.length, Window.currentRow)
     ahead = order.rowsBetween(1, conf.horizon)
     whole = order.rowsBetween(1 - conf.length, conf.horizon)
-    time = _micros(F.col(sql.name(time_col)), steps.schema[time_col].dataType) if conf.frequency else None
+    time = _micros(sql.column(time_col), steps.schema[time_col].dataType) if conf.frequency else None
     windows = steps.select(
         "id",
         "split",
         F.flatten(F.collect_list("features").over(past)).alias("features"),
         F.flatten(F.collect_list("raw_features").over(past)).alias("raw_features"),
-        F.collect_list(F.col(sql.name(target_col)).cast("float")).over(ahead).alias("target"),
+        F.collect_list(sql.column(target_col).cast("float")).over(ahead).alias("target"),
         (F.row_number().over(order) - conf.length).alias("start"),  # position of the window's first step
         (F.lit(True) if time is None else  # a window with a missing step spans more time than its steps
          F.max(time).over(whole) - F.min(time).over(whole) == (conf.length + conf.horizon - 1) * conf.step_micros)
@@ -63,7 +63,7 @@ def _micros(time: Column, data_type) -> Column:
 
 def _warn_of_gaps(gappy: DataFrame, conf: WindowConf, series_col: str | None) -> None:
     """Log how many windows are not made for steps not `frequency` apart, naming the series with the most."""
-    per_series = gappy.groupBy((F.col(sql.name(series_col)) if series_col else F.lit("the series")).alias("series"))
+    per_series = gappy.groupBy((sql.column(series_col) if series_col else F.lit("the series")).alias("series"))
     per_series = per_series.count()
     with_total = per_series.withColumn("total", F.sum("count").over(Window.partitionBy()))  # one Spark job
     worst = with_total.orderBy(F.desc("count"), "series").limit(SHOWN_GAPPY_SERIES).collect()
@@ -76,7 +76,7 @@ def _warn_of_gaps(gappy: DataFrame, conf: WindowConf, series_col: str | None) ->
 def check_series_fit_windows(steps: DataFrame, conf: WindowConf, series_col: str | None) -> None:
     """DataError naming each series (and split) with fewer steps than one window needs (`length + horizon`)."""
     needed = conf.length + conf.horizon
-    keys = [F.col(sql.name(series_col))] if series_col else []
+    keys = [sql.column(series_col)] if series_col else []
     short = steps.groupBy(*keys, "split").count().where(F.col("count") < needed)
     shown = short.orderBy(*keys, "split").limit(SHOWN_SHORT_SERIES).collect()
     if shown:
