@@ -29,11 +29,26 @@ _SPARK_MASTER = re.compile(r"local(\[(\*|[1-9]\d*)(,[1-9]\d*)?\])?|yarn|(spark|k
 _JVM_SIZE = re.compile(r"[1-9]\d*[kKmMgGtT]?")
 
 
+def _setting_text(value: Any) -> Any:
+    """A YAML scalar as the text of a Spark setting (true -> "true"); anything else as it is, for the type check."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value) if isinstance(value, (int, float)) else value
+
+
 class SparkConf(_Strict):
     master: str = "local[*]"
     driver_memory: str = "2g"
     shuffle_partitions: PositiveInt = 8
-    conf: dict[str, str] = Field(default_factory=dict)
+    conf: dict[str, str] = Field(default_factory=dict)  # Spark settings, e.g. spark.sql.adaptive.enabled: true
+
+    @field_validator("conf", mode="before")
+    @classmethod
+    def _settings_as_text(cls, conf: Any) -> Any:
+        """Spark settings are text: a YAML true, 4 or 0.5 is written as Spark reads it ("true", "4", "0.5")."""
+        if not isinstance(conf, dict):
+            return conf
+        return {key: _setting_text(value) for key, value in conf.items()}
 
     @field_validator("master")
     @classmethod
@@ -787,13 +802,21 @@ def read_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_YamlLoader)
 
 
+_SETTING_MAPS = (("spark", "conf"),)  # sections whose keys hold dots of their own (spark.sql.shuffle.partitions)
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """Parse `key.sub=value` into (["key", "sub"], value); the value is read as YAML."""
+    """Parse `key.sub=value` into (["key", "sub"], value); the value is read as YAML. Below a settings map the rest
+    of the key is one key: `spark.conf.spark.eventLog.enabled=true` sets `spark.eventLog.enabled`."""
     key, sep, raw = text.partition("=")
-    if not sep or not key or any(not part for part in key.split(".")):
+    keys = key.split(".")
+    if not sep or not key or any(not part for part in keys):
         raise ConfigError(f"override {text!r}: expected key.sub=value")
+    for section in _SETTING_MAPS:
+        if tuple(keys[:len(section)]) == section and len(keys) > len(section) + 1:
+            keys = [*section, ".".join(keys[len(section):])]
     try:
-        return key.split("."), read_yaml(raw) if raw else ""
+        return keys, read_yaml(raw) if raw else ""
     except yaml.YAMLError as exc:
         raise ConfigError(f"override {text!r}: the value is not valid YAML ({exc.problem})") from None
 

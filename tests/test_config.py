@@ -54,6 +54,17 @@ def test_unknown_key_in_override_is_an_error():
         load_config(DIGITS, ["model.widht=3"])
 
 
+def test_spark_settings_are_text_and_an_override_sets_one_dotted_setting(tmp_path):
+    settings = {"spark.sql.adaptive.enabled": True, "spark.executor.cores": 2, "spark.memory.fraction": 0.5,
+                "spark.app.name": "etl"}
+    path = write_config(tmp_path, lambda d: d.setdefault("spark", {}).update(conf=settings))
+    cfg = load_config(path, ["spark.conf.spark.eventLog.enabled=false", "spark.conf.spark.executor.cores=4"])
+    assert cfg.spark.conf == {"spark.sql.adaptive.enabled": "true", "spark.executor.cores": "4",
+                              "spark.memory.fraction": "0.5", "spark.app.name": "etl", "spark.eventLog.enabled": "false"}
+    with pytest.raises(ConfigError, match=r"'spark\.conf\.spark\.jars'.*valid string"):  # a list is no setting
+        load_config(path, ["spark.conf.spark.jars=[a.jar, b.jar]"])
+
+
 def test_wrong_type_names_the_key():
     with pytest.raises(ConfigError, match=r"'train\.batch_size'.*integer"):
         load_config(DIGITS, ["train.batch_size=many"])
