@@ -117,7 +117,12 @@ write used to merge a small input's partitions into files that could hold no tra
 every split has at least 1,000 rows per file (`pipelines/dataset.py::_in_files`), and deals smaller ones
 round-robin. Keeping each JSON line for its quarantine record (session 15) costs nothing
 measurable: 74.9 and 80.9 s with it, 77.1 and 76.9 s with the values' JSON instead (alternating runs); nor does
-the one-value-per-line check (72.8 and 74.9 s without it).
+the one-value-per-line check (72.8 and 74.9 s without it). Why JSON Lines is slower than CSV: Spark's JSON parser
+copies a number into a string column through a JSON generator per value, so parsing every value as text (what
+the checks read) takes 7.9 s for these 1M lines against 3.6 s with the 20 numbers parsed as doubles (a `noop`
+write of each, one script). In the whole job, doubles parsed by the reader took 45.9 and 47.0 s against 47.5 and
+49.6 s (hash split): ~2 s, within the noise, and the flagged lines would need a second, text parse (as CSV
+has) to keep today's reasons, e.g. for "1.5" written as a JSON string; not adopted.
 
 **The memory sampler was slowing what it measured.** Reading PSS makes the kernel walk every page of the
 process (~12 ms of CPU per GB); read every 50 ms it took a third of a core from a 2-3 GB JVM's run and two thirds

@@ -56,7 +56,7 @@ def hash_split(df: DataFrame, key_col: str, conf: SplitConf) -> DataFrame:
 
     Split sizes are the configured fractions in expectation (binomial), not exactly.
     """
-    draw = F.pmod(F.xxhash64(F.lit(conf.seed), F.col(key_col)), F.lit(HASH_BUCKETS)) / F.lit(HASH_BUCKETS)
+    draw = F.pmod(F.xxhash64(F.lit(conf.seed), sql.column(key_col)), F.lit(HASH_BUCKETS)) / F.lit(HASH_BUCKETS)
     return df.withColumn("split", _cut(draw, conf))
 
 
@@ -82,8 +82,9 @@ def assign_split(df: DataFrame, key_col: str, label_col: str | None, conf: Split
     it (quality report, fits, write) sort nothing.
     """
     group = sql.column(label_col) if conf.stratify and label_col else F.lit(0)
-    ranked = df.select("*", group.alias(_GROUP), F.struct(F.xxhash64(F.lit(conf.seed), F.col(key_col)).alias("hash"),
-                                                          F.col(key_col).alias("key")).alias(_RANK))
+    key = sql.column(key_col)
+    rank = F.struct(F.xxhash64(F.lit(conf.seed), key).alias("hash"), key.alias("key"))  # orders by hash, then key
+    ranked = df.select("*", group.alias(_GROUP), rank.alias(_RANK))
     cuts = _cut_rows(ranked.select(_GROUP, _RANK), conf)
     joined = ranked.join(F.broadcast(cuts), ranked[_GROUP].eqNullSafe(cuts[_CUT_GROUP]), "left")
     before = {cut: F.col(cut).isNull() | (F.col(_RANK) < F.col(cut)) for cut in _CUTS}  # no cut row: all before it
