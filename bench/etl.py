@@ -114,8 +114,9 @@ a comparison with them (a broadcast table of at most two rows per label), so no 
 against 80.8 s for the window in the same session, with the same rows in each split (compared on seven inputs of
 2 to 5,000 rows, 1 to 50 labels, null labels, string and long keys). Without the window's shuffle, the dataset
 write used to merge a small input's partitions into files that could hold no train row; it now merges only when
-every split has at least 1,000 rows per file (`pipelines/dataset.py::_in_files`), and deals smaller ones
-round-robin. Keeping each JSON line for its quarantine record (session 15) costs nothing
+every split has at least 1,000 rows per file (`pipelines/dataset.py::_in_files`), and spreads a smaller dataset
+by a hash of its key, so its files are the same however the input was partitioned (the cluster test trains to
+the local run's loss again). Keeping each JSON line for its quarantine record (session 15) costs nothing
 measurable: 74.9 and 80.9 s with it, 77.1 and 76.9 s with the values' JSON instead (alternating runs); nor does
 the one-value-per-line check (72.8 and 74.9 s without it). Why JSON Lines is slower than CSV: Spark's JSON parser
 copies a number into a string column through a JSON generator per value, so parsing every value as text (what

@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import json
 from datetime import datetime, timezone
-from functools import reduce
 from pathlib import Path
 from typing import Callable
 
@@ -167,15 +166,14 @@ def _in_files(dataset: DataFrame, files: int, split_rows: dict[str, int]) -> Dat
 
     A large input (at least `files` partitions, and `MERGE_ROWS_PER_FILE` rows of every split per file, by its
     `split_rows`) has its partitions merged: no shuffle, each file holds runs of input rows, and a split that is drawn
-    by key (ranked or hash) reaches every file. A smaller input is shuffled: each split is dealt round-robin over
-    `files` parts (each input partition starting at a part of its own), so a small train split still has row groups
-    for its ranks.
+    by key (ranked or hash) reaches every file. A smaller one is partitioned by a hash of `id` and sorted by it: which
+    file holds a row, and where, depends on its key alone, not on how the input was partitioned (the same dataset,
+    so the same training, on a cluster as on one host).
     """
     smallest = min(split_rows.get(split, 0) for split in SPLITS)
     if dataset.rdd.getNumPartitions() >= files and smallest >= files * MERGE_ROWS_PER_FILE:
         return dataset.coalesce(files)
-    per_split = [dataset.where(F.col("split") == split).repartition(files) for split in SPLITS]
-    return reduce(DataFrame.unionByName, per_split)
+    return dataset.repartition(files, "id").sortWithinPartitions("split", "id")
 
 
 def write_dataset(

@@ -284,35 +284,46 @@ def test_too_many_bad_files_fail_with_the_fraction_and_quarantine_path(spark, tm
     assert not cfg.dataset_dir.exists()
 
 
+def _written_ids(spark, out, rows_in: int, partitions: int) -> dict[str, list[list[str]]]:
+    """Write `rows_in` rows (ids 00000..., splits train, train, val, test in turn) from `partitions` partitions (the
+    k-th holding the k-th run of ids) as 2 files per split; the ids of each split's files, in file order."""
+    rows = spark.range(rows_in, numPartitions=partitions).selectExpr(
+        "lpad(id, 5, '0') AS id", "array(CAST(id AS FLOAT)) AS features",
+        "element_at(array('train', 'train', 'val', 'test'), CAST(id % 4 AS INT) + 1) AS split")
+    counts = {"train": (rows_in + 1) // 2, "val": rows_in // 4, "test": rows_in // 4}
+    writers = spark.conf.get(CONCURRENT_WRITERS, None)
+    write_dataset(rows, out, {"counts": counts}, {}, OutputConf(files_per_split=2), world_size=2)
+    assert spark.conf.get(CONCURRENT_WRITERS, None) == writers  # the write's own setting is not left behind
+    paths = {split: sorted(out.glob(f"split={split}/*.parquet")) for split in ("train", "val", "test")}
+    return {split: [pq.read_table(path).column("id").to_pylist() for path in files] for split, files in paths.items()}
+
+
 @pytest.mark.parametrize("rows_in, partitions, merged", [(8400, 6, True), (8400, 1, False), (120, 6, False)])
 def test_each_split_is_written_as_files_per_split_files_holding_each_row_once(spark, tmp_path, rows_in, partitions,
                                                                                 merged):
     """With 2 files per split, six partitions whose smallest split has 2,100 rows (over 1,000 per file) are merged
     without a shuffle: each file holds whole input partitions, rows in input order. A single partition, or six holding
-    only 30 rows of a split, are shuffled so that each split spreads over both files."""
-    splits = [("train", "train", "val", "test")[i % 4] for i in range(rows_in)]
-    rows = spark.range(rows_in, numPartitions=partitions).selectExpr(  # partition k: the k-th run of ids, in order
-        "lpad(id, 5, '0') AS id", "array(CAST(id AS FLOAT)) AS features",
-        "element_at(array('train', 'train', 'val', 'test'), CAST(id % 4 AS INT) + 1) AS split")
-    per_partition = rows_in // partitions
-    writers = spark.conf.get(CONCURRENT_WRITERS, None)
-    counts = {split: splits.count(split) for split in ("train", "val", "test")}
-    write_dataset(rows, tmp_path / "out", {"counts": counts}, {}, OutputConf(files_per_split=2), world_size=2)
-    assert spark.conf.get(CONCURRENT_WRITERS, None) == writers  # the write's own setting is not left behind
-    for split in ("train", "val", "test"):
-        paths = sorted((tmp_path / "out" / f"split={split}").glob("*.parquet"))
-        files = [pq.read_table(path).column("id").to_pylist() for path in paths]
-        assert len(files) == 2
-        assert sorted(i for ids in files for i in ids) == [f"{i:05d}" for i, s in enumerate(splits) if s == split]
-        groups = [[int(i) // per_partition for i in ids] for ids in files]  # the input partition of each row
+    only 30 rows of a split, are spread by a hash of the id, in id order: the same files from any partitioning."""
+    written = _written_ids(spark, tmp_path / "out", rows_in, partitions)
+    for split, files in written.items():
+        assert len(files) == 2 and all(files)
+        expected = [f"{i:05d}" for i in range(rows_in) if ("train", "train", "val", "test")[i % 4] == split]
+        assert sorted(i for ids in files for i in ids) == expected
         if merged:  # each input partition is one run of one file, in input order
+            groups = [[int(i) // (rows_in // partitions) for i in ids] for ids in files]  # each row's input partition
             runs = [g for file in groups for k, g in enumerate(file) if k == 0 or file[k - 1] != g]
             assert len(runs) == len(set(runs)) == partitions
             assert all(ids[k] < ids[k + 1] for ids, file in zip(files, groups) for k in range(len(ids) - 1)
                        if file[k] == file[k + 1])
-        else:  # each input partition deals its rows round-robin (from a part of its own) to both files
-            assert all(set(file) == set(range(partitions)) for file in groups)
-            assert abs(len(files[0]) - len(files[1])) <= partitions
+        else:
+            assert all(ids == sorted(ids) for ids in files)
+
+
+def test_a_small_dataset_is_written_as_the_same_files_from_any_partitioning(spark, tmp_path):
+    """Which file holds a row, and where, depends on its key alone: the same dataset on a cluster as on one host."""
+    written = [_written_ids(spark, tmp_path / str(partitions), 120, partitions) for partitions in (1, 4, 6)]
+    assert [{split: sorted(files) for split, files in each.items()} for each in written[1:]] == [
+        {split: sorted(files) for split, files in written[0].items()}] * 2
 
 
 def test_train_split_with_fewer_row_groups_than_ranks_fails_and_writes_no_dataset(spark, tmp_path):
