@@ -197,7 +197,7 @@ def launch(cfg_path: str | Path, overrides: list[str] | tuple[str, ...] = (), wo
     # torchrun's per-rank folders (left in /tmp by default, one set per launch) go in one removed afterwards
     with tempfile.TemporaryDirectory(prefix="dlpipe-torchrun-") as rank_dirs:
         command = [
-            sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world_size}",
+            sys.executable, "-m", "jobs.torchrun", "--standalone", f"--nproc-per-node={world_size}",
             f"--max-restarts={cfg.train.max_restarts}", f"--log-dir={rank_dirs}", "-m", "jobs.train", str(cfg_path),
             *overrides,
         ]
