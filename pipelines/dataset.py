@@ -195,7 +195,7 @@ def write_dataset(
     in_files = _in_files(dataset, output.files_per_split, manifest["counts"])
     writer = in_files.write.option("parquet.block.size", output.row_group_bytes)
     with atomic_directory(out_dir) as staging:
-        with concurrent_writers(dataset.sparkSession, len(SPLITS)):  # one open file per split, rows never sorted
+        with concurrent_writers(dataset.sparkSession, len(SPLITS)):  # one file open per split: no sort by split
             writer.partitionBy("split").parquet(str(staging))
         train_row_groups = _row_groups(staging / "split=train")
         if train_row_groups < world_size:
