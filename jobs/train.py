@@ -5,6 +5,7 @@ TorchDistributor calling `main`. `launch` is what `dlpipe train` calls; it start
 """
 from __future__ import annotations
 
+import faulthandler
 import json
 import logging
 import os
@@ -165,6 +166,7 @@ def train(cfg: PipelineConfig, manifest: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     """One rank of `dlpipe train`: argv is `conf.yaml [key.sub=value ...]`; returns the exit code."""
     args = sys.argv[1:] if argv is None else list(argv)
+    faulthandler.enable()  # a rank killed by a native crash (SIGABRT, SIGSEGV) first prints every thread's stack
     configure_logging()
     if not args:
         log.error("usage: python -m jobs.train conf.yaml [key.sub=value ...]")

@@ -1,7 +1,7 @@
 """`jobs.train` for torchrun with a fault injected on the first attempt: one rank raises, is SIGKILLed, or trains on
-a batch of NaN features (`nan`) at one step.
+a batch of NaN features (`nan`) at one step, or aborts as a native crash would (`abort`: SIGABRT).
 
-Set DLPIPE_FAULT to `raise`, `kill` or `nan`, DLPIPE_FAULT_RANK and DLPIPE_FAULT_STEP (1-based train steps of this
+Set DLPIPE_FAULT to `raise`, `kill`, `nan` or `abort`, DLPIPE_FAULT_RANK and DLPIPE_FAULT_STEP (1-based train steps of this
 process).
 Before killing itself the rank touches DLPIPE_FAULT_MARKER, so a test can tell that the fault really happened.
 """
@@ -30,6 +30,8 @@ def _faulty_train_step(model, batch, *args, **kwargs):
             return _real_train_step(model, {**batch, "features": batch["features"] * float("nan")}, *args, **kwargs)
         if os.environ["DLPIPE_FAULT"] == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
+        if os.environ["DLPIPE_FAULT"] == "abort":
+            os.abort()
         raise RuntimeError(f"injected failure on rank {os.environ['RANK']} at step {_steps}")
     return _real_train_step(model, batch, *args, **kwargs)
 

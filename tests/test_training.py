@@ -4,6 +4,7 @@ from __future__ import annotations
 import getpass
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -494,6 +495,16 @@ def test_an_exception_on_one_rank_fails_the_launch_promptly_with_its_message(tmp
     assert time.monotonic() - started < 60
     assert "RuntimeError: injected failure on rank 1 at step 3" in failed.stderr
     assert not (tmp_path / "run" / "train_result.json").exists()
+
+
+@pytest.mark.slow
+def test_a_rank_that_crashes_natively_prints_the_python_stack_of_every_thread(tmp_path):
+    failed = _launch_faulty(_synthetic_run(tmp_path, [[30]] * 4), "abort", step=3, max_restarts=0)
+    assert failed.returncode != 0
+    assert "Fatal Python error: Aborted" in failed.stderr, failed.stderr[-3000:]
+    crash = failed.stderr[failed.stderr.index("Fatal Python error: Aborted"):]
+    assert re.search(r'File ".*faulty_train\.py", line \d+ in _faulty_train_step', crash), crash[:3000]
+    assert "exitcode  : -6" in failed.stderr  # faulthandler re-raises: torchrun still sees the SIGABRT
 
 
 def test_launch_fails_promptly_when_a_rank_fails(tmp_path, capfd, monkeypatch):
