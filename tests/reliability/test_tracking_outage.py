@@ -57,7 +57,11 @@ def paused_training(tmp_path: Path, url: str, budget_s: float) -> Iterator[subpr
 
 
 def training_log(tmp_path: Path) -> str:
-    return (tmp_path / "training.log").read_text(errors="replace")[-6000:]
+    """The ranks' output for a failure message: from the first rank's crash report (faulthandler's stacks) if one
+    crashed, else its end."""
+    logged = (tmp_path / "training.log").read_text(errors="replace")
+    crash = logged.find("Fatal Python error")
+    return logged[crash:crash + 6000] if crash >= 0 else logged[-6000:]
 
 
 def go_on_without_server(tmp_path: Path) -> None:
