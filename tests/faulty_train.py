@@ -1,8 +1,8 @@
 """`jobs.train` for torchrun with a fault injected on the first attempt: one rank raises, is SIGKILLed, or trains on
 a batch of NaN features (`nan`) at one step, or aborts as a native crash would (`abort`: SIGABRT).
 
-Set DLPIPE_FAULT to `raise`, `kill`, `nan` or `abort`, DLPIPE_FAULT_RANK and DLPIPE_FAULT_STEP (1-based train steps of this
-process).
+Set DLPIPE_FAULT to `raise`, `kill`, `nan` or `abort`, DLPIPE_FAULT_RANK and DLPIPE_FAULT_STEP (1-based train
+steps of this process).
 Before killing itself the rank touches DLPIPE_FAULT_MARKER, so a test can tell that the fault really happened.
 """
 from __future__ import annotations

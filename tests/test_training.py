@@ -379,7 +379,8 @@ def _write_config(tmp_path: Path, **train) -> Path:
 
 
 def _launch_faulty(config: Path, fault: str, step: int, max_restarts: int) -> subprocess.CompletedProcess:
-    """torchrun 2 ranks of tests/faulty_train.py: rank 1 raises or is SIGKILLed at its `step`-th step, first attempt only."""
+    """torchrun 2 ranks of tests/faulty_train.py: rank 1 meets its `fault` (raise, kill, nan, abort) at its `step`-th
+    step, first attempt only."""
     from jobs.train import TORCHRUN_ENV
 
     root = Path(__file__).resolve().parents[1]
@@ -504,6 +505,7 @@ def test_a_rank_that_crashes_natively_prints_the_python_stack_of_every_thread(tm
     assert "Fatal Python error: Aborted" in failed.stderr, failed.stderr[-3000:]
     crash = failed.stderr[failed.stderr.index("Fatal Python error: Aborted"):]
     assert re.search(r'File ".*faulty_train\.py", line \d+ in _faulty_train_step', crash), crash[:3000]
+    assert "\nThread 0x" in crash, crash[:3000]  # the other threads' stacks too (the loader's prefetch threads)
     assert "exitcode  : -6" in failed.stderr  # faulthandler re-raises: torchrun still sees the SIGABRT
 
 
