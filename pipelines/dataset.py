@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Callable
 
 import pyarrow.parquet as pq
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
 from jobs.config import OutputConf, PipelineConfig
@@ -19,7 +19,7 @@ from pipelines.atomic import atomic_directory
 from pipelines import sql_text as sql
 from pipelines.errors import DataError
 from pipelines.quality import QUALITY_NAME
-from pipelines.spark import concurrent_writers
+from pipelines.spark import concurrent_writers, in_partitions
 from pipelines.split import SPLITS
 
 MANIFEST_NAME = "manifest.json"
@@ -166,14 +166,45 @@ def _in_files(dataset: DataFrame, files: int, split_rows: dict[str, int]) -> Dat
 
     A large input (at least `files` partitions, and `MERGE_ROWS_PER_FILE` rows of every split per file, by its
     `split_rows`) has its partitions merged: no shuffle, each file holds runs of input rows, and a split that is drawn
-    by key (ranked or hash) reaches every file. A smaller one is partitioned by a hash of `id` and sorted by it: which
-    file holds a row, and where, depends on its key alone, not on how the input was partitioned (the same dataset,
-    so the same training, on a cluster as on one host).
+    by key (ranked or hash) reaches every file. Otherwise the rows are shuffled into files by `_file_index` and sorted
+    by `id` in each: which file holds a row, and where, depends on the keys alone, not on how the input was
+    partitioned (the same dataset, so the same training, on a cluster as on one host).
     """
-    smallest = min(split_rows.get(split, 0) for split in SPLITS)
-    if dataset.rdd.getNumPartitions() >= files and smallest >= files * MERGE_ROWS_PER_FILE:
+    small = [split for split in SPLITS if split_rows.get(split, 0) < files * MERGE_ROWS_PER_FILE]
+    if not small and dataset.rdd.getNumPartitions() >= files:
         return dataset.coalesce(files)
-    return dataset.repartition(files, "id").sortWithinPartitions("split", "id")
+    placed = dataset.withColumn(_FILE, _file_index(files, small, split_rows))
+    return in_partitions(placed, _FILE, files).drop(_FILE).sortWithinPartitions("split", "id")
+
+
+_FILE = "_file"  # which of its split's files a shuffled row goes to
+
+
+def _file_index(files: int, small: list[str], split_rows: dict[str, int]) -> Column:
+    """Which of its split's `files` files a row goes to. A row of a `small` split (n rows) by its place k in the split
+    ordered by a hash of `id`: file floor(k * files / n), so each file gets n // files or n // files + 1 rows, none
+    empty while n >= files (by the hash alone, 3 rows in 4 files land in one file 1 time in 16). A row of a larger
+    split by that hash alone (about n / files rows per file, and no sort of the split in one task)."""
+    spread = F.xxhash64("id")
+    by_hash = F.pmod(spread, F.lit(files))
+    if not small:
+        return by_hash
+    is_small = F.col("split").isin(small)
+    rows = F.create_map(*[F.lit(value) for split in small for value in (split, split_rows[split])])[F.col("split")]
+    # one window partition per small split; a larger split's rows are spread over many (their place is not used)
+    order = Window.partitionBy("split", F.when(~is_small, spread)).orderBy(spread, "id")
+    place = F.floor((F.row_number().over(order) - 1) * files / rows)
+    return F.when(is_small, place).otherwise(by_hash)
+
+
+def _check_shardable(split: str, row_groups: int, rows: int, world_size: int) -> None:
+    """DataError naming the split and the remedy when its `row_groups` (of `rows` rows) are fewer than the ranks."""
+    if row_groups >= world_size:
+        return
+    remedy = (f"it has only {rows} row(s): add data or raise split.{split}" if rows < world_size
+              else "raise output.files_per_split")
+    raise DataError(f"the {split} split has {row_groups} Parquet row groups but train.world_size is {world_size} "
+                    f"(each rank reads whole row groups): {remedy}")
 
 
 def write_dataset(
@@ -189,20 +220,16 @@ def write_dataset(
     manifest.json and quality.json, replacing `out_dir` atomically; returns the manifest, with the fields
     `describe_written(written folder)` adds (e.g. baselines).
 
-    Raises DataError (leaving any previous dataset in place) when the train split has fewer row groups than
-    `world_size`: petastorm shards row groups across ranks.
+    Raises DataError (leaving any previous dataset in place) when a split has fewer row groups than `world_size`:
+    petastorm shards row groups across ranks, and training reads every split so.
     """
     in_files = _in_files(dataset, output.files_per_split, manifest["counts"])
     writer = in_files.write.option("parquet.block.size", output.row_group_bytes)
     with atomic_directory(out_dir) as staging:
         with concurrent_writers(dataset.sparkSession, len(SPLITS)):  # one file open per split: no sort by split
             writer.partitionBy("split").parquet(str(staging))
-        train_row_groups = _row_groups(staging / "split=train")
-        if train_row_groups < world_size:
-            raise DataError(
-                f"the train split has {train_row_groups} Parquet row groups but train.world_size is {world_size} "
-                f"(each rank reads whole row groups): raise output.files_per_split or add training data"
-            )
+        for split in SPLITS:
+            _check_shardable(split, _row_groups(staging / f"split={split}"), manifest["counts"][split], world_size)
         if describe_written:
             manifest = manifest | describe_written(staging)
         (staging / QUALITY_NAME).write_text(json.dumps(quality, indent=2) + "\n")

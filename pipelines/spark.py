@@ -7,7 +7,8 @@ from contextlib import contextmanager
 from typing import ContextManager, Iterator
 
 from pyspark.errors import PySparkRuntimeError
-from pyspark.sql import SparkSession
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
 
 from jobs.config import ConfigError, SparkConf
 from jobs.termination import reclaim_sigint
@@ -84,3 +85,29 @@ def concurrent_writers(spark: SparkSession, writers: int) -> ContextManager[None
     """Within the block, a partitioned write keeps up to `writers` files open per task instead of sorting its rows
     by partition value first (Spark's default: a sort of every row written, spilling to disk at scale)."""
     return session_setting(spark, CONCURRENT_WRITERS, str(writers))
+
+
+def in_partitions(rows: DataFrame, index: str, partitions: int) -> DataFrame:
+    """`rows` in `partitions` partitions, a row whose int column `index` is i in partition i (0 <= i < partitions).
+
+    `repartition(partitions, index)` hashes the index itself, so it sends two values to one partition and none to
+    another; here each value is replaced by a key that Spark's hash partitioning (Murmur3 of the key, modulo the
+    partitions) sends to partition i, found by Spark's own `hash`.
+    """
+    keys = _partition_keys(rows.sparkSession, partitions)
+    key = F.element_at(F.array(*[F.lit(k).cast("int") for k in keys]), (F.col(index) + 1).cast("int"))
+    return rows.repartition(partitions, key)
+
+
+def _partition_keys(spark: SparkSession, partitions: int) -> list[int]:
+    """For each partition i, the smallest int key that `repartition(partitions, key)` sends to partition i."""
+    keys: dict[int, int] = {}
+    candidates = 64 * partitions  # a partition is missed with probability ~ e^-64 per partition
+    while len(keys) < partitions:
+        hashed = spark.range(candidates).selectExpr("CAST(id AS INT) AS key").selectExpr(
+            "key", f"pmod(hash(key), {partitions}) AS partition").collect()
+        keys = {}
+        for key, partition in hashed:
+            keys.setdefault(partition, key)
+        candidates *= 4
+    return [keys[i] for i in range(partitions)]

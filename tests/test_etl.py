@@ -284,15 +284,19 @@ def test_too_many_bad_files_fail_with_the_fraction_and_quarantine_path(spark, tm
     assert not cfg.dataset_dir.exists()
 
 
-def _written_ids(spark, out, rows_in: int, partitions: int) -> dict[str, list[list[str]]]:
-    """Write `rows_in` rows (ids 00000..., splits train, train, val, test in turn) from `partitions` partitions (the
-    k-th holding the k-th run of ids) as 2 files per split; the ids of each split's files, in file order."""
+IN_TURN = "element_at(array('train', 'train', 'val', 'test'), CAST(id % 4 AS INT) + 1)"  # splits 1/2, 1/4, 1/4
+
+
+def _written_ids(spark, out, rows_in: int, partitions: int, split: str = IN_TURN, files: int = 2,
+                 world_size: int = 2) -> dict[str, list[list[str]]]:
+    """Write `rows_in` rows (ids 00000..., the split of id `split` (SQL)) from `partitions` partitions (the k-th
+    holding the k-th run of ids) as `files` files per split; the ids of each split's files, in file order."""
     rows = spark.range(rows_in, numPartitions=partitions).selectExpr(
-        "lpad(id, 5, '0') AS id", "array(CAST(id AS FLOAT)) AS features",
-        "element_at(array('train', 'train', 'val', 'test'), CAST(id % 4 AS INT) + 1) AS split")
-    counts = {"train": (rows_in + 1) // 2, "val": rows_in // 4, "test": rows_in // 4}
+        "lpad(id, 5, '0') AS id", "array(CAST(id AS FLOAT)) AS features", f"{split} AS split")
+    counts = {"train": 0, "val": 0, "test": 0} | {row["split"]: row["count"] for row in rows.groupBy("split").count()
+                                                    .collect()}
     writers = spark.conf.get(CONCURRENT_WRITERS, None)
-    write_dataset(rows, out, {"counts": counts}, {}, OutputConf(files_per_split=2), world_size=2)
+    write_dataset(rows, out, {"counts": counts}, {}, OutputConf(files_per_split=files), world_size=world_size)
     assert spark.conf.get(CONCURRENT_WRITERS, None) == writers  # the write's own setting is not left behind
     paths = {split: sorted(out.glob(f"split={split}/*.parquet")) for split in ("train", "val", "test")}
     return {split: [pq.read_table(path).column("id").to_pylist() for path in files] for split, files in paths.items()}
@@ -324,6 +328,36 @@ def test_a_small_dataset_is_written_as_the_same_files_from_any_partitioning(spar
     written = [_written_ids(spark, tmp_path / str(partitions), 120, partitions) for partitions in (1, 4, 6)]
     assert [{split: sorted(files) for split, files in each.items()} for each in written[1:]] == [
         {split: sorted(files) for split, files in written[0].items()}] * 2
+
+
+def test_a_small_split_fills_every_file_evenly_beside_a_large_split_spread_by_hash(spark, tmp_path):
+    """Split by a hash of the key alone, 4 val rows land in 4 different files of 4 only 3 times in 32; placed by their
+    rank in that hash order, a small split of n rows gets n // 4 or n // 4 + 1 rows in each file, so a world size of 4
+    reads every split. The large train split beside them is spread by the hash (no sort of it in one task). The
+    files are the same from 1 partition as from 3."""
+    split = "CASE WHEN id < 4 THEN 'val' WHEN id < 10 THEN 'test' ELSE 'train' END"
+    written = [_written_ids(spark, tmp_path / str(partitions), 8010, partitions, split, files=4, world_size=4)
+               for partitions in (1, 3)]
+    for each in written:
+        assert [len(ids) for ids in each["val"]] == [1, 1, 1, 1]
+        assert sorted(len(ids) for ids in each["test"]) == [1, 1, 2, 2]
+        assert len(each["train"]) == 4 and all(1800 < len(ids) < 2200 for ids in each["train"])
+        for split_name, files in each.items():
+            expected = [f"{i:05d}" for i in range(8010) if (split_name == "val") == (i < 4)
+                        and (split_name == "test") == (4 <= i < 10)]
+            assert sorted(i for ids in files for i in ids) == expected and all(ids == sorted(ids) for ids in files)
+    assert {split: sorted(files) for split, files in written[0].items()} == {
+        split: sorted(files) for split, files in written[1].items()}
+
+
+def test_a_val_split_with_fewer_rows_than_ranks_fails_naming_it_and_writes_no_dataset(spark, tmp_path):
+    """Training shards every split by row group, so the ETL refuses a val split that some rank would get no row of."""
+    split = "CASE WHEN id < 1 THEN 'val' WHEN id < 3 THEN 'test' ELSE 'train' END"
+    with pytest.raises(DataError, match=r"^the val split has 1 Parquet row groups but train\.world_size is 2 \(each "
+                                        r"rank reads whole row groups\): it has only 1 row\(s\): add data or raise "
+                                        r"split\.val$"):
+        _written_ids(spark, tmp_path / "out", 40, 2, split)
+    assert not (tmp_path / "out").exists()
 
 
 def test_train_split_with_fewer_row_groups_than_ranks_fails_and_writes_no_dataset(spark, tmp_path):
