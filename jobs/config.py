@@ -316,6 +316,7 @@ class TextSource(_FileTableSource):
 
 
 Source = Annotated[Union[ImageFolderSource, TableSource, TimeSeriesSource, TextSource], Field(discriminator="kind")]
+FileSource = TableSource | TimeSeriesSource | TextSource  # the sources read from files with declared columns
 
 
 class SplitConf(_Strict):

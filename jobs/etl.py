@@ -15,7 +15,7 @@ from typing import Collection
 from pyspark.sql import Column, DataFrame, Observation, SparkSession
 from pyspark.sql import functions as F
 
-from jobs.config import ImageLabels, PipelineConfig
+from jobs.config import FileSource, ImageLabels, PipelineConfig
 from jobs.lineage import etl_run, record_dataset
 from jobs.stage import stage
 from jobs.tracking import use_experiment
@@ -247,7 +247,7 @@ def _train(rows: DataFrame) -> DataFrame:
     return rows.where(F.col("split") == "train")
 
 
-def _quality_columns(source: tables.FileSource) -> tuple[list[str], set[str]]:
+def _quality_columns(source: FileSource) -> tuple[list[str], set[str]]:
     """(the declared columns the quality report describes: all but a single key column (it is `id`), those of them
     a clean row always has a value in)."""
     return [c.name for c in source.columns if c.name != source.key], tables.required_columns(source)
@@ -258,7 +258,7 @@ def _scratch(cfg: PipelineConfig) -> Path:
     return cfg.run_dir / "checked"
 
 
-def _source_root(source: tables.FileSource) -> Path:
+def _source_root(source: FileSource) -> Path:
     """The folder input paths are hashed relative to: the source folder, or a single file's parent."""
     return source.path.resolve() if source.path.is_dir() else source.path.resolve().parent
 

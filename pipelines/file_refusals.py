@@ -19,7 +19,7 @@ from urllib.parse import unquote, urlparse
 
 from pipelines.errors import DataError
 
-_HEADER = "the header does not match the declared columns (source.columns, in order)"
+_HEADER = "the header does not name the declared columns (source.columns, in any order)"
 _NAMED = (  # (what Spark says, naming the file; what dlpipe says)
     (re.compile(r"Expected: (?P<expected>.*) but found: (?P<found>.*)\nCSV file: (?P<file>\S+)"),
      "CSV file {file}: " + _HEADER + ": expected the column '{expected}' where it has '{found}'"),
@@ -46,16 +46,16 @@ _NOT_TEXT = (
     (b"\x1f\x8b", "gzip-compressed without the .gz name Spark decompresses by"),
     (b"\x28\xb5\x2f\xfd", "zstd-compressed"),
 )
-_DECOMPRESSED_BY_NAME = (".gz", ".bz2", ".deflate", ".lz4", ".snappy", ".zst")
+DECOMPRESSED_BY_NAME = (".gz", ".bz2", ".deflate", ".lz4", ".snappy", ".zst")
 _UTF16_MARKS = (b"\xff\xfe", b"\xfe\xff")  # little- and big-endian byte-order marks
 _CUT_SHORT = "Unexpected end of input stream"  # Hadoop's decompressors; Spark does not name the file
-_DECOMPRESSED = {".gz": gzip.open, ".bz2": bz2.open}
+DECOMPRESSORS = {".gz": gzip.open, ".bz2": bz2.open}  # the ones Python reads too
 
 
 def _cut_short(path: Path) -> bool:
     """True when a gzip or bzip2 file ends before its compressed stream does, or cannot be read to its end."""
     try:
-        with _DECOMPRESSED[path.suffix](path, "rb") as stream:
+        with DECOMPRESSORS[path.suffix](path, "rb") as stream:
             while stream.read(1 << 22):
                 pass
     except (EOFError, OSError, zlib.error):  # cut short; or damaged (a bad header or checksum)
@@ -68,7 +68,7 @@ def refuse_files_not_text(files: Sequence[Path], what: str, encoding: str = "UTF
     workbook, Parquet, a compressed stream without its name), or is UTF-16 text read as another `encoding` (Excel's
     "Unicode text"); `what` names the source's format."""
     for path in files:
-        if path.suffix in _DECOMPRESSED_BY_NAME:
+        if path.suffix in DECOMPRESSED_BY_NAME:
             continue
         with open(path, "rb") as stream:
             head = stream.read(8)
@@ -91,7 +91,7 @@ def refusal(spark_says: str, files: Sequence[Path]) -> str | None:
             return problem.format(**{**found.groupdict(), "file": unquote(urlparse(found["file"]).path)})
     if _CUT_SHORT not in spark_says:
         return None
-    cut = [str(f) for f in files if f.suffix in _DECOMPRESSED and _cut_short(f)]  # on the failure path only
+    cut = [str(f) for f in files if f.suffix in DECOMPRESSORS and _cut_short(f)]  # on the failure path only
     if cut:
         return f"compressed file(s) {', '.join(cut)}: cut short or damaged, not readable to the end ({_CUT_SHORT})"
     return (f"a compressed input file is cut short ({_CUT_SHORT}); Spark does not say which, and no .gz or .bz2 "

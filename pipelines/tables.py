@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 from contextlib import ExitStack, contextmanager
+from functools import reduce
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -22,9 +23,10 @@ from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 from pyspark.sql.types import DoubleType, FloatType, StringType, StructField, StructType
 
-from jobs.config import ColumnSpec, ConfigError, TableSource, TextSource, TimeSeriesSource
+from jobs.config import ColumnSpec, ConfigError, FileSource, TableSource
 from pipelines import sql_text as sql
 from pipelines.caching import kept_as_parquet, materialized
+from pipelines.csv_headers import column_orders
 from pipelines.errors import DataError
 from pipelines.file_refusals import file_refusals_named, refuse_files_not_text
 from pipelines.quarantine import is_quarantined
@@ -70,9 +72,6 @@ UNCLOSED_QUOTE_HINT = (" (a quoted value is not closed on its line: `source.mult
                        "lines)")
 
 
-FileSource = TableSource | TimeSeriesSource | TextSource
-
-
 def _parsed_by_reader(source: FileSource) -> set[str]:
     """The declared columns the reader returns in their declared type (the others are read as text and cast)."""
     if source.file_format != "csv":
@@ -80,9 +79,9 @@ def _parsed_by_reader(source: FileSource) -> set[str]:
     return {c.name for c in source.columns if c.type in _PARSED_BY_CSV_READER}
 
 
-def _as_text(source: FileSource) -> StructType:
-    """Every declared column as text, and the corrupt-record column."""
-    return StructType([StructField(c.name, StringType()) for c in source.columns]).add(CORRUPT_RECORD, StringType())
+def _as_text(names: list[str]) -> StructType:
+    """The columns `names` as text, and the corrupt-record column."""
+    return StructType([StructField(name, StringType()) for name in names]).add(CORRUPT_RECORD, StringType())
 
 
 def _ddl(schema: StructType) -> str:
@@ -123,20 +122,28 @@ def _read(spark: SparkSession, source: FileSource, files: list[Path]) -> DataFra
         return spark.read.parquet(*paths).withColumn(CORRUPT_RECORD, F.lit(None).cast("string"))
     refuse_files_not_text(files, "CSV" if source.file_format == "csv" else "JSON Lines", source.encoding)
     if source.file_format == "json":
-        return _read_json_lines(spark, _as_text(source), paths)
+        return _read_json_lines(spark, _as_text([c.name for c in source.columns]), paths)
     _check_java_knows(spark, source.encoding)
-    parsed = _parsed_by_reader(source)
-    schema = StructType([StructField(c.name, _PARSED_BY_CSV_READER[c.type] if c.name in parsed else StringType())
-                         for c in source.columns]).add(CORRUPT_RECORD, StringType())
+    return reduce(DataFrame.unionByName, [_read_csv(spark, source, order, group)
+                                          for order, group in column_orders(files, source).items()])
+
+
+def _read_csv(spark: SparkSession, source: FileSource, order: tuple[str, ...], files: list[Path]) -> DataFrame:
+    """The CSV `files`, which hold the declared columns in `order`: the declared columns (in declared order),
+    `_corrupt_record`, and `_reread`: a flagged line split again as text (null for the others)."""
+    parsed, declared = _parsed_by_reader(source), {c.name: c.type for c in source.columns}
+    schema = StructType([StructField(name, _PARSED_BY_CSV_READER[declared[name]] if name in parsed else StringType())
+                         for name in order]).add(CORRUPT_RECORD, StringType())
     reader = spark.read.schema(schema).options(mode="PERMISSIVE", columnNameOfCorruptRecord=CORRUPT_RECORD)
-    rows = reader.csv(paths, header=source.header, sep=source.delimiter, escape=source.escape,
+    rows = reader.csv([str(f) for f in files], header=source.header, sep=source.delimiter, escape=source.escape,
                       encoding=source.encoding, multiLine=source.multiline, enforceSchema=False)
     # The reader flags a line it cannot split into the declared columns, or whose value it cannot parse; such a
     # line (rare) is split again as text, to tell the two apart and check its values one by one.
     options = {"mode": "PERMISSIVE", "columnNameOfCorruptRecord": CORRUPT_RECORD, "sep": source.delimiter,
                "escape": source.escape}
     flagged = F.col(CORRUPT_RECORD)
-    return rows.withColumn(_REREAD, F.when(flagged.isNotNull(), F.from_csv(flagged, _ddl(_as_text(source)), options)))
+    reread = F.when(flagged.isNotNull(), F.from_csv(flagged, _ddl(_as_text(list(order))), options))
+    return rows.select(*[sql.column(name) for name in declared], flagged, reread.alias(_REREAD))
 
 
 def _read_json_lines(spark: SparkSession, text: StructType, paths: list[str]) -> DataFrame:
