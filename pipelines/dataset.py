@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 from datetime import datetime, timezone
+from functools import reduce
 from pathlib import Path
 from typing import Callable
 
@@ -166,35 +167,32 @@ def _in_files(dataset: DataFrame, files: int, split_rows: dict[str, int]) -> Dat
 
     A large input (at least `files` partitions, and `MERGE_ROWS_PER_FILE` rows of every split per file, by its
     `split_rows`) has its partitions merged: no shuffle, each file holds runs of input rows, and a split that is drawn
-    by key (ranked or hash) reaches every file. Otherwise the rows are shuffled into files by `_file_index` and sorted
-    by `id` in each: which file holds a row, and where, depends on the keys alone, not on how the input was
-    partitioned (the same dataset, so the same training, on a cluster as on one host).
+    by key (ranked or hash) reaches every file. Otherwise the rows are shuffled into files, a split under
+    `MERGE_ROWS_PER_FILE` rows per file by `_place_by_rank`, a larger one by a hash of `id` (about n / files rows in
+    each file, and no sort of the split), and sorted by `id` in each file: which file holds a row, and where, depends
+    on the keys alone, not on how the input was partitioned (the same dataset, so the same training, on a cluster
+    as on one host). With splits of both kinds the rows are read twice (a filter for each kind), not sorted whole.
     """
     small = [split for split in SPLITS if split_rows.get(split, 0) < files * MERGE_ROWS_PER_FILE]
     if not small and dataset.rdd.getNumPartitions() >= files:
         return dataset.coalesce(files)
-    placed = dataset.withColumn(_FILE, _file_index(files, small, split_rows))
-    return in_partitions(placed, _FILE, files).drop(_FILE).sortWithinPartitions("split", "id")
+    larger = [split for split in SPLITS if split not in small]
+    of = lambda splits: dataset.where(F.col("split").isin(splits))  # noqa: E731
+    placed = [*([of(small).withColumn(_FILE, _place_by_rank(files, small, split_rows))] if small else []),
+              *([of(larger).withColumn(_FILE, F.pmod(F.xxhash64("id"), F.lit(files)))] if larger else [])]
+    return in_partitions(reduce(DataFrame.union, placed), _FILE, files).drop(_FILE).sortWithinPartitions("split", "id")
 
 
 _FILE = "_file"  # which of its split's files a shuffled row goes to
 
 
-def _file_index(files: int, small: list[str], split_rows: dict[str, int]) -> Column:
-    """Which of its split's `files` files a row goes to. A row of a `small` split (n rows) by its place k in the split
-    ordered by a hash of `id`: file floor(k * files / n), so each file gets n // files or n // files + 1 rows, none
-    empty while n >= files (by the hash alone, 3 rows in 4 files land in one file 1 time in 16). A row of a larger
-    split by that hash alone (about n / files rows per file, and no sort of the split in one task)."""
-    spread = F.xxhash64("id")
-    by_hash = F.pmod(spread, F.lit(files))
-    if not small:
-        return by_hash
-    is_small = F.col("split").isin(small)
-    rows = F.create_map(*[F.lit(value) for split in small for value in (split, split_rows[split])])[F.col("split")]
-    # one window partition per small split; a larger split's rows are spread over many (their place is not used)
-    order = Window.partitionBy("split", F.when(~is_small, spread)).orderBy(spread, "id")
-    place = F.floor((F.row_number().over(order) - 1) * files / rows)
-    return F.when(is_small, place).otherwise(by_hash)
+def _place_by_rank(files: int, splits: list[str], split_rows: dict[str, int]) -> Column:
+    """The file of a row of a small split (n rows): by its place k in the split ordered by a hash of `id`, file
+    floor(k * files / n). Each file gets n // files or n // files + 1 rows, none empty while n >= files (by the hash
+    alone, 3 rows in 4 files land in one file 1 time in 16). Each split is ordered in one task."""
+    rows = F.create_map(*[F.lit(value) for split in splits for value in (split, split_rows[split])])[F.col("split")]
+    order = Window.partitionBy("split").orderBy(F.xxhash64("id"), "id")
+    return F.floor((F.row_number().over(order) - 1) * files / rows)
 
 
 def _check_shardable(split: str, row_groups: int, rows: int, world_size: int) -> None:
