@@ -69,11 +69,13 @@ def regression_metrics(abs_sum: float, sq_sum: float, count: float, loss_sum: fl
 
 
 class RegressionMeter:
-    """Sums of absolute and squared errors, values, rows and loss on this rank; `compute` sums them over ranks and
-    gathers every row's id, prediction and target (val/test splits are small), e.g. for a forecast plot."""
+    """Sums of absolute and squared errors, values, rows and loss on this rank; `compute` sums them over ranks and,
+    with `keep_rows`, gathers every row's id, prediction and target, e.g. for a forecast plot (without it the
+    metrics are the same and no row is kept: what each epoch's validation needs)."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, keep_rows: bool = True):
         self.sums = torch.zeros(5, dtype=torch.float64, device=device)  # abs, squared, values, rows, loss
+        self.keep_rows = keep_rows
         self.rows: list[tuple[list, np.ndarray, np.ndarray]] = []  # (ids, predictions [n, H], targets [n, H])
 
     def update(self, predictions: torch.Tensor, targets: torch.Tensor, loss_sum: torch.Tensor,
@@ -81,13 +83,18 @@ class RegressionMeter:
         error = (predictions.double() - targets.double().reshape(predictions.shape))
         self.sums += torch.stack([error.abs().sum(), error.pow(2).sum(), error.new_tensor(error.numel()),
                                   error.new_tensor(len(error)), loss_sum.detach().double()])
+        if not self.keep_rows:
+            return
         values = predictions.detach().float().reshape(len(predictions), -1)
         self.rows.append((list(ids) if ids is not None else [None] * len(values), values.cpu().numpy(),
                           targets.detach().float().reshape(values.shape).cpu().numpy()))
 
-    def compute(self) -> tuple[dict[str, float], dict]:
-        """(metrics, {"ids", "predictions", "targets"} over all ranks' rows, in rank order)."""
+    def compute(self) -> tuple[dict[str, float], dict | None]:
+        """(metrics, {"ids", "predictions", "targets"} over all ranks' rows in rank order, or None without
+        `keep_rows`)."""
         abs_sum, sq_sum, values, rows, loss_sum = all_reduce_sum(self.sums.clone()).tolist()
+        if not self.keep_rows:
+            return regression_metrics(abs_sum, sq_sum, values, loss_sum, rows), None
         gathered = [row for part in all_gather(self.rows) for row in part]
         details = {"ids": [i for row in gathered for i in row[0]],
                    "predictions": np.concatenate([row[1] for row in gathered]) if gathered else np.empty((0, 1)),

@@ -104,7 +104,9 @@ class Task:
         return None
 
     # --- evaluation ---
-    def meter(self, device: torch.device):
+    def meter(self, device: torch.device, details: bool = True):
+        """A meter for one evaluation; `details`: whether the caller uses the details `compute` returns (a meter may
+        then skip keeping rows that only they need)."""
         return ClassificationMeter(self.num_outputs, device)
 
     def update(self, meter, outputs: torch.Tensor, batch: dict, loss_sum: torch.nn.Module) -> None:
@@ -179,8 +181,8 @@ class RegressionTask(Task):
         std = targets.std(axis=0)
         return targets.mean(axis=0), np.where(std > 0, std, 1.0)
 
-    def meter(self, device):
-        return RegressionMeter(device)
+    def meter(self, device, details=True):
+        return RegressionMeter(device, keep_rows=details)
 
     def update(self, meter, outputs, batch, loss_sum):
         meter.update(outputs, batch["target"], loss_sum(*self.loss_inputs(outputs, batch)), batch.get("id"))
@@ -250,7 +252,7 @@ class AnomalyTask(Task):
     def loss_inputs(self, outputs, batch):
         return outputs, batch["features"].reshape(outputs.shape)
 
-    def meter(self, device):
+    def meter(self, device, details=True):  # the metrics (AUROC) need every row's score anyway
         return AnomalyMeter(device)
 
     @staticmethod
@@ -340,7 +342,7 @@ class ClusteringTask(Task):
         features = batch["features"].reshape(outputs.reconstruction.shape)
         return outputs.q, self.target(features), outputs.reconstruction, features
 
-    def meter(self, device):
+    def meter(self, device, details=True):  # the metrics (silhouette) need every row's embedding anyway
         return ClusteringMeter(device, self.labelled)
 
     def update(self, meter, outputs, batch, loss_sum):

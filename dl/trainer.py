@@ -132,17 +132,18 @@ def open_loader(conf: TrainConf, path: Path, ctx: DistContext, shuffle: bool,
 
 def evaluate(
     network: nn.Module, loader: Loader, task: Task | int, loss_sum: nn.Module, ctx: DistContext,
-    state: dict | None = None,
+    state: dict | None = None, details: bool = True,
 ) -> tuple[dict[str, float], object]:
     """(metrics, details) over a whole split: each rank scores its shard; the task combines all ranks' rows.
 
     `task` may be a class count (classification; details is then the confusion matrix). `loss_sum` is the
     training loss with `reduction="sum"`; the reported loss is its mean over the rows. `state` is the task's
-    calibrated state (the anomaly threshold), for the metrics that need it.
+    calibrated state (the anomaly threshold), for the metrics that need it. `details=False`: the caller uses the
+    metrics only (a task may then return None as details, having kept no rows).
     """
     task = as_task(task)
     network.eval()
-    meter = task.meter(ctx.device)
+    meter = task.meter(ctx.device, details)
     loader.set_epoch(0)
     with torch.no_grad():
         for batch in loader:
@@ -298,7 +299,7 @@ def fit(
         check_finite()
         _broadcast_buffers(network)
         report = _epoch_report(tally, ctx.world_size)
-        val, _ = evaluate(network, loaders["val"], task, loss_sum, ctx)
+        val, _ = evaluate(network, loaders["val"], task, loss_sum, ctx, details=False)
         row = {**report, **{f"val_{name}": value for name, value in val.items()}, "lr": optimizer.param_groups[0]["lr"],
                "epoch_seconds": time.perf_counter() - started}
         history.append({"epoch": epoch, **row, "steps": int(tally[STEPS])})

@@ -15,10 +15,11 @@ import torch
 from pydantic import ValidationError
 from sklearn import metrics as skm
 
+import dl.tasks
 from dl.arrow_loader import ArrowLoader
 from dl.distributed import distributed
 from dl.losses import build_loss
-from dl.metrics import calibrate_threshold, ranking_metrics, threshold_metrics
+from dl.metrics import RegressionMeter, calibrate_threshold, ranking_metrics, threshold_metrics
 from dl.models import build_model
 from dl.petastorm_reader import split_dir
 from dl.serving import ServingModel
@@ -161,6 +162,34 @@ def _tasks_worker(rank: int, world_size: int, port: int, root: Path, weights: Pa
             report[name] = {"fixed": fixed, "test": result.test_metrics, "state": result.serving_state,
                             "train_samples": [row["train_samples"] for row in result.history], "checksum": checksum}
     (out / f"rank{rank}.json").write_text(json.dumps(report))
+
+
+def test_regression_training_keeps_rows_for_the_test_details_only(tmp_path, monkeypatch):
+    """An epoch's validation reports summed errors only: its meter keeps (and gathers from every rank) no rows. The
+    test evaluation keeps every row, for the forecast plot; the validation metrics are what the rows give."""
+    write_tables(tmp_path / "data")
+    kept: list[bool] = []
+
+    class Recording(RegressionMeter):
+        def __init__(self, device, keep_rows=True):
+            kept.append(keep_rows)
+            super().__init__(device, keep_rows)
+
+    monkeypatch.setattr(dl.tasks, "RegressionMeter", Recording)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)  # one process: an in-memory process group
+    task, mse_sum = build_task(MLP, CLASSES), build_loss(LossConf(name="mse"), reduction="sum")
+    val_dir = split_dir(tmp_path / "data", "val")
+    val_rows = lambda: ArrowLoader(val_dir, task.columns, 5, rank=0, world_size=1, shuffle=False)  # noqa: E731
+    with distributed("gloo", seed=0) as ctx:
+        network = build_model(MLP, (WIDTH,), task.num_outputs)
+        result = fit(network, _conf(epochs=3), tmp_path / "data", task, ctx, tmp_path / "out")
+        val, rows = evaluate(network, val_rows(), task, mse_sum, ctx)
+        same, none = evaluate(network, val_rows(), task, mse_sum, ctx, details=False)
+    assert kept == [False] * len(result.history) + [True, True, False]
+    assert len(result.test_details["ids"]) == sum(map(sum, LAYOUT["test"]))
+    assert none is None and same == val
+    errors = rows["predictions"].astype(np.float64) - rows["targets"]
+    assert val["mae"] == pytest.approx(np.abs(errors).mean()) and val["mse"] == pytest.approx((errors ** 2).mean())
 
 
 @pytest.fixture(scope="module")
