@@ -81,20 +81,20 @@ memory, and Spark's seconds growing linearly from 1M to 10M rows. The spec's anc
 this job: 10M rows pandas 135 s / 10.3 GB, polars 52 s / 4.8 GB, a straightforward Spark job 113 s / 1.3 GB
 JVM; 1M rows pandas 12.3 s, polars 4.4 s, Spark 31 s.
 
-**Where it stands (record above, 2026-11-24 22:15-22:28 UTC, load average 2.5 on average, 3.3 at most, AMD
-EPYC host): the speed goal is not met. dlpipe's ETL runs at 0.27x polars' rows/s at 10M rows (128.5 s against
-35.3 s; 0.6x would be polars' time / 0.6: 59 s).** The records before it: 2026-11-24 18:26 UTC 115.8 s against
-37.8 s (0.33x), 09:12 UTC 112.4 s against 33.6 s (0.30x), 2026-11-23 22:56 UTC 119.0 s against 36.0 s. This
-session's changes (the ranked split, the dataset write of small inputs) do not touch this job's path (hash split;
-every split far above 1,000 rows per file, so its files are still merged partitions), and the slower 10M run is
-this machine's noise: the same 10M-row ETL run alone, alternating the code before and after the changes, took
-131.3 and 115.0 s before, 123.1 and 107.5 s after. Spark's own floors moved as much (parse 21.5 -> 20.4 s, parse
-and write 45.7 -> 48.2 s). The 1 GB-driver run took 145.0 s (122.2 and 108.2 s in the records before). Memory:
-with `spark.driver_memory: 1g` the 10M-row job peaks at 1.7 GB (summed PSS, Python + JVM), 0.17 of pandas'
-10.0 GB (goal: under a quarter, met, as in every record); with the default 2g at 2.8 GB (0.28) in this record
-and the one before: a 2 GB heap grows as far as its collector lets it, while the 1 GB driver's stays at 1.6-1.7
-GB. Growth from 1M to 10M rows is sub-linear (38.3 s -> 128.5 s: the JVM start, the MLflow store and ~25 Spark
-jobs' planning and code generation are fixed costs).
+**Where it stands (record above, 2026-11-25 04:15-04:27 UTC, load average 2.4 on average, 3.1 at most, AMD
+EPYC host): the speed goal is not met. dlpipe's ETL runs at 0.30x polars' rows/s at 10M rows (121.1 s against
+36.1 s; 0.6x would be polars' time / 0.6: 60 s).** The records before it: 2026-11-24 22:15 UTC 128.5 s against
+35.3 s (0.27x), 18:26 UTC 115.8 s against 37.8 s (0.33x), 09:12 UTC 112.4 s against 33.6 s (0.30x). This record's
+code reads each CSV file's header first (a file may name the columns in any order; the benchmark's one file is one
+group, read as before, plus one projection) and places a small split's rows by rank in a hash order (this job's
+splits are far above 1,000 rows per file, so its files are still merged partitions): its path is otherwise the
+one measured before, and its times are within the earlier records' spread. Spark's own floors: parse 22.2 s,
+parse and write 46.4 s. The 1 GB-driver run took 112.5 s (145.0, 122.2 and 108.2 s in the records before).
+Memory: with `spark.driver_memory: 1g` the 10M-row job peaks at 1.7 GB (summed PSS, Python + JVM), 0.18 of
+pandas' 9.6 GB (goal: under a quarter, met, as in every record); with the default 2g at 2.8 GB (0.29): a 2 GB heap
+grows as far as its collector lets it, while the 1 GB driver's stays at 1.6-1.7 GB. Growth from 1M to 10M rows is
+sub-linear (35.9 s -> 121.1 s: the JVM start, the MLflow store and ~25 Spark jobs' planning and code generation
+are fixed costs).
 
 **Wide tables (2026-11-24, not in the table above).** `dlpipe etl` of a generated CSV of 2,000 rows x 300
 double columns (plus an int key and a string label), on this machine, two runs of each version alternating,
