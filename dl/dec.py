@@ -29,11 +29,11 @@ from sklearn.cluster import KMeans
 
 from dl.clustering import DecNetwork
 from dl.distributed import DistContext, all_reduce_sum, is_master
-from dl.petastorm_reader import split_dir
 from dl.tasks import ClusteringTask, RegressionTask
 from dl.trainer import FitResult, Loader, evaluate, fit, open_loader, resumes
 from jobs.config import TrainConf
 from pipelines.atomic import write_text_atomic
+from pipelines.shards import split_dir
 
 log = logging.getLogger("dlpipe.dec")
 

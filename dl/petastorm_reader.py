@@ -14,45 +14,15 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-import pyarrow.dataset as pads
 import torch
 
-from pipelines.errors import DataError
+from pipelines.shards import check_shardable
 
 # petastorm 0.12 drives pyarrow's legacy dataset API, which warns on every read, and leaves files to the GC.
 warnings.filterwarnings("ignore", category=FutureWarning, module=r"petastorm\.")
 warnings.filterwarnings("ignore", category=ResourceWarning, module=r"petastorm\.")
 
 COLUMNS = ("id", "label", "features")
-
-
-class ShardingError(DataError):
-    """A split has fewer Parquet row groups than ranks, so some rank would get no data."""
-
-
-def split_dir(dataset_dir: str | Path, split: str) -> Path:
-    """The directory of one split of a dataset: `<dataset>/split=<split>`."""
-    return Path(dataset_dir) / f"split={split}"
-
-
-def count_row_groups(path: str | Path) -> int:
-    """Parquet row groups over all data files of a split directory (the unit petastorm shards by)."""
-    path = Path(path)
-    if not path.is_dir():
-        raise DataError(f"{path}: split directory not found")
-    dataset = pads.dataset(path, format="parquet")
-    return sum(fragment.metadata.num_row_groups for fragment in dataset.get_fragments())
-
-
-def check_shardable(path: str | Path, world_size: int) -> int:
-    """Return the split's row-group count; raise ShardingError when it is below `world_size`."""
-    row_groups = count_row_groups(path)
-    if row_groups < world_size:
-        raise ShardingError(
-            f"{path}: {row_groups} Parquet row group(s) for world size {world_size}; petastorm shards by "
-            f"row group, so write at least {world_size} (output.files_per_split) or train on fewer ranks"
-        )
-    return row_groups
 
 
 def _columns(chunk) -> dict:

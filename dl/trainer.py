@@ -27,9 +27,10 @@ from dl.distributed import DistContext, all_reduce_sum, is_master, restart_count
 from dl.losses import weight_penalty
 from dl.nonfinite import NonFiniteGuard, describe_kept
 from dl.optim import build_optimizer, build_scheduler, step_scheduler
-from dl.petastorm_reader import COLUMNS as PETASTORM_COLUMNS, PetastormLoader, check_shardable, split_dir
+from dl.petastorm_reader import COLUMNS as PETASTORM_COLUMNS, PetastormLoader
 from dl.tasks import Task, as_task, to_device
 from jobs.config import EarlyStoppingConf, TrainConf
+from pipelines.shards import check_shardable, split_dir
 
 log = logging.getLogger("dlpipe.trainer")
 

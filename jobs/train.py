@@ -29,7 +29,6 @@ from dl.dec import fit_dec
 from dl.distributed import DistContext, distributed, is_master
 from dl.models import build_model
 from dl.nonfinite import NonFiniteLoss
-from dl.petastorm_reader import check_shardable, split_dir
 from dl.serving import log_and_register
 from dl.tasks import Task, build_task
 from dl.trainer import fit, resumes
@@ -40,6 +39,7 @@ from jobs.tracking import MetricsBuffer, TrackingUnavailable, log_config, record
 from pipelines.atomic import write_text_atomic
 from pipelines.dataset import read_manifest
 from pipelines.errors import DataError
+from pipelines.shards import check_shardable, split_dir
 from pipelines.split import SPLITS
 from pipelines.text import vocabulary_size
 

@@ -11,7 +11,6 @@ from functools import reduce
 from pathlib import Path
 from typing import Callable
 
-import pyarrow.parquet as pq
 from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
@@ -20,6 +19,7 @@ from pipelines.atomic import atomic_directory
 from pipelines import sql_text as sql
 from pipelines.errors import DataError
 from pipelines.quality import QUALITY_NAME
+from pipelines.shards import check_shardable, split_dir
 from pipelines.spark import concurrent_writers, in_partitions
 from pipelines.split import SPLITS
 
@@ -158,10 +158,6 @@ def build_manifest(
     }
 
 
-def _row_groups(split_dir: Path) -> int:
-    return sum(pq.ParquetFile(path).num_row_groups for path in split_dir.glob("*.parquet"))
-
-
 def _in_files(dataset: DataFrame, files: int, split_rows: dict[str, int]) -> DataFrame:
     """`dataset` in partitions that each become one file per split, `files` per split.
 
@@ -195,16 +191,6 @@ def _place_by_rank(files: int, splits: list[str], split_rows: dict[str, int]) ->
     return F.floor((F.row_number().over(order) - 1) * files / rows)
 
 
-def _check_shardable(split: str, row_groups: int, rows: int, world_size: int) -> None:
-    """DataError naming the split and the remedy when its `row_groups` (of `rows` rows) are fewer than the ranks."""
-    if row_groups >= world_size:
-        return
-    remedy = (f"it has only {rows} row(s): add data or raise split.{split}" if rows < world_size
-              else "raise output.files_per_split")
-    raise DataError(f"the {split} split has {row_groups} Parquet row groups but train.world_size is {world_size} "
-                    f"(each rank reads whole row groups): {remedy}")
-
-
 def write_dataset(
     dataset: DataFrame,
     out_dir: Path,
@@ -227,7 +213,7 @@ def write_dataset(
         with concurrent_writers(dataset.sparkSession, len(SPLITS)):  # one file open per split: no sort by split
             writer.partitionBy("split").parquet(str(staging))
         for split in SPLITS:
-            _check_shardable(split, _row_groups(staging / f"split={split}"), manifest["counts"][split], world_size)
+            check_shardable(split_dir(staging, split), world_size, shown_as=split_dir(out_dir, split))
         if describe_written:
             manifest = manifest | describe_written(staging)
         (staging / QUALITY_NAME).write_text(json.dumps(quality, indent=2) + "\n")

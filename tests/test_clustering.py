@@ -20,11 +20,11 @@ from dl.distributed import distributed
 from dl.losses import build_loss
 from dl.metrics import ClusteringMeter, contingency_metrics
 from dl.models import build_model
-from dl.petastorm_reader import split_dir
 from dl.tasks import ClusteringTask, build_task
 from jobs.config import DecConf, LossConf, TrainConf
 from jobs.sample import write_digits
 from pipelines.evaluation import clustering_report
+from pipelines.shards import split_dir
 from test_cli import dlpipe
 from test_tasks import CLASSES, WIDTH, write_tables
 from test_training import _set_rank_env, run_ranks

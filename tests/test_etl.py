@@ -353,7 +353,7 @@ def test_a_small_split_fills_every_file_evenly_beside_a_large_split_spread_by_ha
 def test_a_val_split_with_fewer_rows_than_ranks_fails_naming_it_and_writes_no_dataset(spark, tmp_path):
     """Training shards every split by row group, so the ETL refuses a val split that some rank would get no row of."""
     split = "CASE WHEN id < 1 THEN 'val' WHEN id < 3 THEN 'test' ELSE 'train' END"
-    with pytest.raises(DataError, match=r"^the val split has 1 Parquet row groups but train\.world_size is 2 \(each "
+    with pytest.raises(DataError, match=r"^\S+/out/split=val: 1 Parquet row group\(s\) for train\.world_size 2 \(each "
                                         r"rank reads whole row groups\): it has only 1 row\(s\): add data or raise "
                                         r"split\.val$"):
         _written_ids(spark, tmp_path / "out", 40, 2, split)
@@ -365,7 +365,8 @@ def test_train_split_with_fewer_row_groups_than_ranks_fails_and_writes_no_datase
     write_class_folders(source, {"a": 7, "b": 7})
     cfg = etl_config(source, tmp_path / "run", output={"files_per_split": 1}, train={"world_size": 2})
 
-    with pytest.raises(DataError, match="train split has 1 Parquet row groups but train.world_size is 2"):
+    with pytest.raises(DataError, match=r"/dataset/split=train: 1 Parquet row group\(s\) for train\.world_size 2 "
+                                        r"\(each rank reads whole row groups\): write at least 2 files"):
         run_etl(cfg)
     assert not cfg.dataset_dir.exists()
     assert not list(cfg.run_dir.glob(".dataset.tmp-*"))

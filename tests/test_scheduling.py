@@ -186,8 +186,8 @@ def test_a_failing_training_rank_exits_with_the_training_code(pipeline, spark):
     code, err = finished(dlpipe("train", str(DIGITS), *overrides, "train.world_size=3", cwd=root))
     assert code == EXIT_DATA
     assert err.strip().splitlines()[-1].startswith("dlpipe: data error: ") and \
-        err.strip().endswith(": 2 Parquet row group(s) for world size 3; petastorm shards by row group, so write at "
-                             "least 3 (output.files_per_split) or train on fewer ranks")
+        err.strip().endswith(": 2 Parquet row group(s) for train.world_size 3 (each rank reads whole row groups): "
+                             "write at least 3 files (output.files_per_split) or train on fewer ranks")
     # A manifest that names 2 classes for rows of 3 classes: the ranks start, then fail at their first batch.
     manifest = load_config(DIGITS, overrides).dataset_dir / "manifest.json"
     written = manifest.read_text()

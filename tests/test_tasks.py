@@ -21,7 +21,6 @@ from dl.distributed import distributed
 from dl.losses import build_loss
 from dl.metrics import RegressionMeter, calibrate_threshold, ranking_metrics, threshold_metrics
 from dl.models import build_model
-from dl.petastorm_reader import split_dir
 from dl.serving import ServingModel
 from dl.tasks import AnomalyTask, RegressionTask, build_task, task_type
 from dl.trainer import evaluate, fit
@@ -30,6 +29,7 @@ from jobs.config import (AnomalyConf, AutoencoderConf, CnnConf, ConfigError, Dec
 from pipelines.evaluation import anomaly_report, regression_report
 from pipelines.scaling import FittedScaler
 from pipelines.scoring import score_parquet
+from pipelines.shards import split_dir
 from registry_helpers import pipeline_config, tracking
 from test_training import run_ranks, _set_rank_env
 

@@ -27,9 +27,10 @@ from dl.distributed import distributed, wait_released
 from dl.metrics import classification_metrics, confusion_matrix
 from dl.models import build_model
 from dl.optim import build_optimizer
-from dl.petastorm_reader import ShardingError, check_shardable, count_row_groups, iter_batches, split_dir
+from dl.petastorm_reader import iter_batches
 from dl.trainer import STEP_S, WAIT_S, EarlyStopping, build_precision, evaluate, fit, timed, train_step
 from jobs.config import CnnConf, ConfigError, EarlyStoppingConf, TrainConf, validate_config
+from pipelines.shards import ShardingError, check_shardable, row_groups_and_rows, split_dir
 from ports import free_port
 
 CLASSES = ["horizontal", "vertical", "diagonal"]
@@ -274,15 +275,19 @@ def test_metrics_match_scikit_learn_including_absent_classes():
     assert got["f1_macro"] == pytest.approx(skm.f1_score(labels, predictions, **options))
 
 
-def test_fewer_row_groups_than_ranks_is_a_clear_error(tmp_path):
-    write_dataset(tmp_path, {"train": [[20]], "val": [[5, 5], [5]]})
-    assert count_row_groups(split_dir(tmp_path, "val")) == 3
+def test_fewer_row_groups_than_ranks_is_a_clear_error_naming_the_fix(tmp_path):
+    write_dataset(tmp_path, {"train": [[20]], "val": [[5, 5], [5]], "test": [[1]]})
+    assert row_groups_and_rows(split_dir(tmp_path, "val")) == (3, 15)
     assert check_shardable(split_dir(tmp_path, "val"), 3) == 3
     with pytest.raises(ShardingError) as error:
         check_shardable(split_dir(tmp_path, "train"), 2)
-    message = str(error.value)
-    assert str(split_dir(tmp_path, "train")) in message
-    assert "1 Parquet row group(s)" in message and "world size 2" in message
+    assert str(error.value) == (f"{split_dir(tmp_path, 'train')}: 1 Parquet row group(s) for train.world_size 2 (each "
+                                "rank reads whole row groups): write at least 2 files (output.files_per_split) or train "
+                                "on fewer ranks")
+    with pytest.raises(ShardingError, match=r"split=test: 1 Parquet row group\(s\) for train\.world_size 2 \(each rank "
+                                            r"reads whole row groups\): it has only 1 row\(s\): add data or raise "
+                                            r"split\.test$"):
+        check_shardable(split_dir(tmp_path, "test"), 2)
 
 
 def test_batches_keep_every_row_once_in_full_batches(tmp_path):
@@ -536,8 +541,8 @@ def test_fewer_row_groups_than_ranks_fail_the_launch_before_any_rank_starts(tmp_
     write_dataset(dataset, {"train": [[40]], "val": [[5]] * 2, "test": [[5]] * 2})  # e.g. world_size raised since
     write_manifest(dataset)
     monkeypatch.setattr(training.subprocess, "Popen", lambda *args, **kwargs: pytest.fail("torchrun was started"))
-    with pytest.raises(ShardingError, match=r"split=train: 1 Parquet row group\(s\) for world size 2; petastorm "
-                                            r"shards by row group, so write at least 2 \(output\.files_per_split\)"):
+    with pytest.raises(ShardingError, match=r"split=train: 1 Parquet row group\(s\) for train\.world_size 2 \(each "
+                                            r"rank reads whole row groups\): write at least 2 files"):
         training.launch(_write_config(tmp_path), [], world_size=2)
 
 
