@@ -173,9 +173,13 @@ def _in_files(dataset: DataFrame, files: int, split_rows: dict[str, int]) -> Dat
     if not small and dataset.rdd.getNumPartitions() >= files:
         return dataset.coalesce(files)
     larger = [split for split in SPLITS if split not in small]
-    of = lambda splits: dataset.where(F.col("split").isin(splits))  # noqa: E731
-    placed = [*([of(small).withColumn(_FILE, _place_by_rank(files, small, split_rows))] if small else []),
-              *([of(larger).withColumn(_FILE, F.pmod(F.xxhash64("id"), F.lit(files)))] if larger else [])]
+    placed = []
+    if small:
+        ranked = _place_by_rank(files, small, split_rows)
+        placed.append(dataset.where(F.col("split").isin(small)).withColumn(_FILE, ranked))
+    if larger:
+        hashed = F.pmod(F.xxhash64("id"), F.lit(files))
+        placed.append(dataset.where(F.col("split").isin(larger)).withColumn(_FILE, hashed))
     return in_partitions(reduce(DataFrame.union, placed), _FILE, files).drop(_FILE).sortWithinPartitions("split", "id")
 
 
