@@ -22,7 +22,10 @@ from pyspark.sql import SparkSession
 
 from dl.registry import CHAMPION, ModelNotFound, resolve_model_version
 from jobs.config import PromoteConf
+from jobs.lineage import dataset_digest
+from pipelines.dataset import read_manifest
 from pipelines.errors import DataError
+from pipelines.shards import split_dir
 
 CHALLENGER = "challenger"
 TAG_PREFIX = "promotion."
@@ -57,6 +60,7 @@ class PromotionDecision:
     smoke_test: str  # passed | failed | skipped
     smoke_rows: int
     reason: str
+    measured_on: str = "training runs"  # or `test split of dataset <digest> (<rows> rows)`: both versions re-scored
 
     @property
     def promoted(self) -> bool:
@@ -74,6 +78,7 @@ class PromotionDecision:
             f"{TAG_PREFIX}champion_value": text(self.champion_value),
             f"{TAG_PREFIX}champion_version_before": text(self.champion_version_before),
             f"{TAG_PREFIX}smoke_test": self.smoke_test,
+            f"{TAG_PREFIX}measured_on": self.measured_on,
             f"{TAG_PREFIX}reason": self.reason[:4000],
             f"{TAG_PREFIX}decided_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
@@ -165,6 +170,43 @@ class SmokeTest:
         return len(ids)
 
 
+@dataclass(frozen=True)
+class TestSplitMetric:
+    """A registered version's test metric measured afresh on the pipeline's current test split (`dataset_dir`),
+    through the real Spark scorer and the report `dlpipe run` prints: what the gate compares when the two versions'
+    training runs were tested on different datasets. Predictions live in a temporary folder under `workdir`."""
+
+    spark: Callable[[], SparkSession]
+    dataset_dir: Path
+    workdir: Path
+    batch_size: int = 1024
+    normal_label: str | None = None  # train.anomaly.normal_label: which class is normal, for an anomaly model
+
+    def dataset(self) -> str:
+        """What the values are measured on: `test split of dataset <digest> (<rows> rows)`."""
+        manifest = read_manifest(self.dataset_dir)
+        return f"test split of dataset {dataset_digest(manifest)} ({manifest['counts']['test']} rows)"
+
+    def measure(self, model_uri: str, metric: str) -> float | None:
+        """`metric` (a `test_` name, e.g. test_accuracy) of `model_uri` on the test split; None when predictions do
+        not give it (test_loss). The split's class indexes are matched to the model's classes by name."""
+        from pipelines.evaluation import labels_as_names, predictions_report
+        from pipelines.scoring import model_contract, score_parquet
+
+        classes = read_manifest(self.dataset_dir)["classes"]
+        contract = model_contract(model_uri)
+        spark = self.spark()
+        Path(self.workdir).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=".promote-measure-", dir=self.workdir) as tmp:
+            score_parquet(spark, model_uri, split_dir(self.dataset_dir, "test"), tmp, batch_size=self.batch_size)
+            predictions = spark.read.parquet(tmp)
+            if "label" in predictions.columns and contract.task in ("classification", "anomaly"):
+                predictions = labels_as_names(predictions, classes)
+            report = predictions_report(predictions, contract.task, contract.classes, self.normal_label)
+        value = report.get(metric.removeprefix("test_"))
+        return None if value is None else float(value)
+
+
 def _check_predictions(ids: list[str], scored: list, outputs: dict[str, str] | None = None) -> None:
     """One prediction per sampled id: a class index with a finite probability per class (classifiers), or
     every output column present and finite."""
@@ -192,9 +234,14 @@ def promote(
     smoke_test: SmokeTest,
     version: str | None = None,
     force: bool = False,
+    remeasure: TestSplitMetric | None = None,
 ) -> PromotionDecision:
     """Judge a candidate (default: the newest version): set `challenger`, gate on `conf.metric`, smoke-test,
-    move `champion` if both pass (or if forced and the smoke test passes), and tag the decision."""
+    move `champion` if both pass (or if forced and the smoke test passes), and tag the decision.
+
+    The metric is the one each version's training run logged on its own test split. When the two runs name
+    different datasets, `remeasure` scores both versions on the same, current test split and the gate compares
+    those values (a metric predictions cannot give, like test_loss, stays the runs', and the reason says so)."""
     candidate = find_candidate(client, model_name, version)
     number = str(candidate.version)
     aliases = client.get_registered_model(model_name).aliases
@@ -218,11 +265,15 @@ def promote(
         except PromotionError:
             if not force:
                 raise
+    measured_on, note = "training runs", ""
+    if champion_value is not None:
+        remeasure = None if force else remeasure  # a forced promotion does not compare
+        (candidate_value, champion_value), measured_on, note = _comparable(
+            client, remeasure, (candidate, champion_version), (candidate_value, champion_value), conf.metric)
     client.set_registered_model_alias(model_name, CHALLENGER, number)
 
     passed, reason = _gate(candidate_value, champion_value, champion, conf)
-    if champion_value is not None:
-        reason += _dataset_note(client, candidate, champion_version)
+    reason += note
     smoke, rows = SMOKE_SKIPPED, 0
     if passed or force:
         try:
@@ -239,22 +290,48 @@ def promote(
     result = decided(
         decision=decision, candidate_value=candidate_value, champion_value=champion_value,
         champion_version_after=champion if decision == REJECTED else number, smoke_test=smoke, smoke_rows=rows,
-        reason=reason,
+        reason=reason, measured_on=measured_on,
     )
     for key, value in result.tags().items():
         client.set_model_version_tag(model_name, number, key, value)
     return result
 
 
-def _dataset_note(client: MlflowClient, candidate: ModelVersion, champion: ModelVersion) -> str:
-    """A note for the reason when the two versions' training runs name different datasets (their test metrics come
-    from different test rows, e.g. after new input files); empty when they match or a run does not say."""
+def _different_datasets(client: MlflowClient, candidate: ModelVersion, champion: ModelVersion) -> str:
+    """`different datasets: champion's <digest>, the candidate's <digest>` when the two versions' training runs name
+    different datasets (`dataset.digest`: their test metrics come from different test rows, e.g. after new input
+    files); empty when they match or a run does not say."""
     candidate_digest, champion_digest = (client.get_run(v.run_id).data.tags.get(DIGEST_TAG) if v.run_id else None
                                          for v in (candidate, champion))
     if candidate_digest is None or champion_digest is None or candidate_digest == champion_digest:
         return ""
-    return (f" (measured on different datasets: {CHAMPION}'s {champion_digest[:12]}, the candidate's "
-            f"{candidate_digest[:12]})")
+    return f"different datasets: {CHAMPION}'s {champion_digest[:12]}, the candidate's {candidate_digest[:12]}"
+
+
+def _comparable(client: MlflowClient, remeasure: TestSplitMetric | None, versions: tuple[ModelVersion, ModelVersion],
+                logged: tuple[float, float], metric: str) -> tuple[tuple[float, float], str, str]:
+    """((candidate value, champion value), what they were measured on, a note for the reason): the runs' logged
+    values while the runs name the same dataset, else both versions' `metric` on the current test split when
+    `remeasure` is given and predictions give the metric. PromotionError (nothing moved yet) naming a version that
+    cannot be scored on that split."""
+    datasets = _different_datasets(client, *versions)
+    if not datasets:
+        return logged, "training runs", ""
+    if remeasure is None:
+        return logged, "training runs", f" (measured on {datasets})"
+    values = []
+    for version in versions:
+        try:
+            value = remeasure.measure(f"models:/{version.name}/{version.version}", metric)
+        except Exception as exc:  # a model that cannot score today's test rows cannot be compared on them
+            raise PromotionError(f"version {version.version} of '{version.name}' cannot be measured on the "
+                                 f"{remeasure.dataset()}: {_one_line(exc)}") from exc
+        if value is None:
+            return logged, "training runs", f" (measured on {datasets}; {metric} cannot be measured from predictions)"
+        values.append(value)
+    measured_on = remeasure.dataset()
+    note = f" (both measured on the {measured_on}; their training runs were tested on {datasets})"
+    return (values[0], values[1]), measured_on, note
 
 
 def _gate(candidate: float, champion: float | None, champion_version: str | None, conf: PromoteConf) -> tuple[bool, str]:

@@ -45,6 +45,13 @@ def _has_known_label(predictions: DataFrame, classes: list[str]) -> Column:
     return F.coalesce(known, F.lit(False))
 
 
+def labels_as_names(predictions: DataFrame, classes: list[str]) -> DataFrame:
+    """`label` as the class name it indexes in `classes` (a dataset's), so it can be matched to another model's
+    classes by name; an index out of range becomes null (an unseen label)."""
+    names = F.array(*[F.lit(name) for name in classes])
+    return predictions.withColumn("label", F.get(names, F.col("label").cast("int")))
+
+
 def unseen_labels(predictions: DataFrame, classes: list[str]) -> dict:
     """Label -> rows, for the rows whose `label` is not one of `classes` (by name or by index; null included)."""
     unseen = predictions.where(~_has_known_label(predictions, classes)).groupBy("label").count().collect()

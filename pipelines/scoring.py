@@ -110,6 +110,8 @@ class ModelContract:
     input_kind: str  # `features` (a numeric array) or `text`
     input_column: str  # where the input is by default: `raw_features` or `text`
     outputs: dict[str, str]  # output column -> type
+    task: str  # classification, regression, anomaly or clustering
+    classes: list[str]  # the training dataset's classes: a `prediction` or `label` index is into these
 
 
 def model_contract(model_uri: str) -> ModelContract:
@@ -117,11 +119,12 @@ def model_contract(model_uri: str) -> ModelContract:
     with tempfile.TemporaryDirectory(prefix="dlpipe-mlmodel-") as tmp:  # mlflow's own download would stay in /tmp
         mlmodel = mlflow.artifacts.download_artifacts(artifact_uri=f"{model_uri}/MLmodel", dst_path=tmp)
         metadata = Model.load(mlmodel).metadata or {}
-    missing = [key for key in ("input", "outputs") if key not in metadata]
+    missing = [key for key in ("input", "outputs", "task", "classes") if key not in metadata]
     if missing:
         raise ValueError(f"{model_uri} declares no '{missing[0]}' in its metadata: it was not logged by "
                          f"dl.serving.log_and_register")
-    return ModelContract(metadata["input"]["kind"], metadata["input"]["column"], dict(metadata["outputs"]))
+    return ModelContract(metadata["input"]["kind"], metadata["input"]["column"], dict(metadata["outputs"]),
+                         metadata["task"], list(metadata["classes"]))
 
 
 def _score_batches(

@@ -1,16 +1,20 @@
 """The promotion gate against a real sqlite MLflow registry, smoke-testing through the real Spark scorer."""
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
 import mlflow
+import numpy as np
 import pytest
 from mlflow import MlflowClient
 
 from dl.promotion import CHALLENGER, CHAMPION, PromotionError, beats
 from jobs.config import PipelineConfig
 from jobs.promote import run_promote
-from registry_helpers import network, pipeline_config, raw_rows, register, scaler, tracking, write_dataset
+from jobs.lineage import dataset_digest
+from registry_helpers import (expected, manifest, network, pipeline_config, raw_rows, register, scaler, tracking,
+                              write_dataset)
 
 SMOKE_ROWS = 16
 TEST_ROWS = 40
@@ -22,9 +26,15 @@ def store(tmp_path_factory):
     root = tmp_path_factory.mktemp("promotion")
     cfg = pipeline_config(root, "promotion-test", "unused")
     write_dataset(cfg.dataset_dir / "split=test", raw_rows(TEST_ROWS, seed=4), files=2)
+    (cfg.dataset_dir / "manifest.json").write_text(json.dumps(current_manifest()))
     with tracking(cfg.tracking_uri):
         experiment = mlflow.create_experiment("promotion-test", artifact_location=cfg.artifact_location)
         yield SimpleNamespace(root=root, experiment=experiment, client=MlflowClient())
+
+
+def current_manifest() -> dict:
+    """The manifest of the store's dataset: the registry helpers' classes, and its test split's rows."""
+    return {**manifest(scaler()), "counts": {"test": TEST_ROWS}}
 
 
 def _model(store, name: str, accuracies: list[float | None], champion: str | None = None, **promote) -> PipelineConfig:
@@ -98,19 +108,67 @@ def test_better_candidate_is_promoted_and_both_values_recorded(store):
     assert _tags(store, "better", "1") == {}  # the old champion was set up directly, never judged
 
 
-def test_a_champion_measured_on_another_dataset_is_named_in_the_reason(store):
-    """New input files make a new dataset: the two test metrics then come from different test rows, and the
-    decision says so (it stays the metric's); the same digest, or a run without one, adds nothing."""
-    cfg = _model(store, "new-data", [0.90, 0.95, 0.97], champion="1")
-    for version, digest in (("1", "a" * 64), ("2", "b" * 64), ("3", "b" * 64)):
-        store.client.set_tag(store.client.get_model_version("new-data", version).run_id, "dataset.digest", digest)
+def _accuracy_on_the_test_split(cfg: PipelineConfig, seed: int) -> float:
+    """What version `seed + 1` of `_model` classifies right of the store's test split, straight from torch."""
+    fitted = scaler()
+    predicted, _ = expected(network(cfg, fitted, seed), fitted, raw_rows(TEST_ROWS, seed=4))
+    return float((predicted == np.arange(TEST_ROWS) % 10).mean())
+
+
+def _tag_datasets(store, name: str, digests: dict[str, str]) -> None:
+    for version, digest in digests.items():
+        store.client.set_tag(store.client.get_model_version(name, version).run_id, "dataset.digest", digest)
+
+
+def test_versions_tested_on_different_datasets_are_compared_on_the_current_test_split(store):
+    """New input files make a new dataset, so the two runs' test metrics come from different test rows: the gate
+    scores both versions on the current test split (the real Spark scorer) and compares those. Here the logged
+    values say the candidate is worse (0.90 against 0.95), the same rows say it is better."""
+    cfg = _model(store, "new-data", [0.95, 0.90, 0.97], champion="1")
+    _tag_datasets(store, "new-data", {"1": "a" * 16, "2": "b" * 16, "3": "b" * 16})
+    champion, candidate = _accuracy_on_the_test_split(cfg, 0), _accuracy_on_the_test_split(cfg, 1)
+    assert (champion, candidate) == (0.1, 0.125)  # 4 and 5 of the 40 rows
     result = run_promote(cfg, version="2")
-    assert result["decision"] == "promoted"
-    assert result["reason"] == ("candidate test_accuracy 0.95 beats champion version 1's 0.9 (mode max, min_delta 0) "
-                                "(measured on different datasets: champion's aaaaaaaaaaaa, the candidate's bbbbbbbbbbbb)")
-    assert _tags(store, "new-data", "2")["reason"] == result["reason"]
-    same = run_promote(cfg, version="3")
-    assert same["reason"] == "candidate test_accuracy 0.97 beats champion version 2's 0.95 (mode max, min_delta 0)"
+    dataset = f"test split of dataset {dataset_digest(current_manifest())} ({TEST_ROWS} rows)"
+    assert (result["decision"], result["candidate_value"], result["champion_value"]) == ("promoted", candidate, champion)
+    assert result["measured_on"] == dataset
+    assert result["reason"] == (f"candidate test_accuracy 0.125 beats champion version 1's 0.1 (mode max, min_delta 0) "
+                                f"(both measured on the {dataset}; their training runs were tested on different "
+                                f"datasets: champion's aaaaaaaaaaaa, the candidate's bbbbbbbbbbbb)")
+    tags = _tags(store, "new-data", "2")
+    assert (tags["candidate_value"], tags["champion_value"], tags["measured_on"]) == ("0.125", "0.1", dataset)
+    assert not list(cfg.run_dir.glob(".promote-measure-*"))  # the predictions were temporary
+    same = run_promote(cfg, version="3")  # the same dataset as the champion's run: the runs' own values
+    assert (same["measured_on"], same["candidate_value"], same["champion_value"]) == ("training runs", 0.97, 0.90)
+    assert same["reason"] == "candidate test_accuracy 0.97 beats champion version 2's 0.9 (mode max, min_delta 0)"
+
+
+def test_a_metric_predictions_cannot_give_or_a_champion_that_cannot_score_the_current_split(store):
+    """test_loss is not in the predictions' report: the runs' values stay, and the reason says so. A champion
+    trained on 4x4 images cannot score today's 8x8 test split: the gate cannot compare, names it, moves nothing."""
+    cfg = _model(store, "new-data-loss", [0.90, 0.80], champion="1", metric="test_loss", mode="min")
+    _tag_datasets(store, "new-data-loss", {"1": "a" * 16, "2": "b" * 16})
+    result = run_promote(cfg)
+    assert (result["decision"], result["measured_on"]) == ("rejected", "training runs")
+    assert result["reason"].endswith("(measured on different datasets: champion's aaaaaaaaaaaa, the candidate's "
+                                     "bbbbbbbbbbbb; test_loss cannot be measured from predictions)")
+
+    cfg = _model(store, "old-shape", [], champion=None)
+    small = scaler(width=16)
+    register(cfg, network(cfg, small, seed=7, shape=(1, 4, 4)), small, store.experiment, {"test_accuracy": 0.5},
+             shape=(1, 4, 4))
+    fitted = scaler()
+    register(cfg, network(cfg, fitted, seed=1), fitted, store.experiment, {"test_accuracy": 0.4})
+    store.client.set_registered_model_alias("old-shape", CHAMPION, "1")
+    _tag_datasets(store, "old-shape", {"1": "a" * 16, "2": "b" * 16})
+    with pytest.raises(PromotionError, match=r"^version 1 of 'old-shape' cannot be measured on the test split of "
+                                             r"dataset \w+ \(40 rows\): BadFeatureRow: .*'raw_features' has 64 "
+                                             r"values, expected 16"):
+        run_promote(cfg)
+    assert _aliases(store, "old-shape") == {CHAMPION: "1"} and _tags(store, "old-shape", "2") == {}
+    forced = run_promote(cfg, force=True)  # replacing such a champion is the owner's call
+    assert (forced["decision"], forced["measured_on"], _aliases(store, "old-shape")[CHAMPION]) == (
+        "forced", "training runs", "2")
 
 
 def test_worse_or_equal_within_min_delta_is_rejected_and_champion_stays(store):

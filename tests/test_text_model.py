@@ -142,7 +142,7 @@ def test_the_registered_model_takes_raw_text(text_run):
     uri = text_run.result["model_uri"]
     assert model_contract(uri) == ModelContract(
         "text", "text", {"prediction": "int", "probability": "array<float>", "predicted_class": "string",
-                         "reason": "string"})
+                         "reason": "string"}, "classification", text_run.manifest["classes"])
     signature = mlflow.models.get_model_info(uri).signature
     assert signature.inputs.input_names() == ["text"] and signature.inputs.input_types()[0].name == "string"
 

@@ -23,7 +23,7 @@ from jobs.config import DriftConf, NormalizeConf, PipelineConfig, WindowConf, va
 from jobs.etl import run_etl
 from jobs.score import check_drift
 from pipelines.errors import DataError
-from pipelines.evaluation import predictions_report
+from pipelines.evaluation import labels_as_names, predictions_report
 from pipelines.images import ImageTooLarge, decode_image
 from pipelines.input_schema import LABEL_TYPES, NUMERIC_ARRAY_TYPES, check_columns
 from pipelines.scaling import fit_scaler
@@ -184,6 +184,15 @@ def test_unseen_labels_are_counted_by_name_and_left_out_of_the_metrics(spark, ca
         report = predictions_report(predictions, "classification", ["cat", "dog"])
     assert report == pytest.approx({**KNOWN_METRICS, "rows_unseen_label": 3})
     assert "unseen labels: {7: 2, None: 1} (3 rows)" in caplog.text
+
+    # Indexes into another dataset's classes (the gate's current test split, against an older model's classes).
+    dataset_classes = ["eel", "dog", "cat"]
+    indexed = [(dataset_classes.index(label), prediction) for label, prediction in KNOWN] + [(0, 1), (5, 0)]
+    named = labels_as_names(spark.createDataFrame(indexed, "label int, prediction int"), dataset_classes)
+    with caplog.at_level(logging.WARNING, logger="dlpipe.evaluation"):
+        report = predictions_report(named, "classification", ["cat", "dog"])
+    assert report == pytest.approx({**KNOWN_METRICS, "rows_unseen_label": 2})
+    assert "unseen labels: {None: 1, 'eel': 1} (2 rows)" in caplog.text
 
     only_unseen = spark.createDataFrame([("7x", 0)], "label string, prediction int")
     with pytest.raises(DataError, match=r"no predictions row has a label among .*unseen labels: \{'7x': 1\}"):
