@@ -152,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     stage_parser("etl", "Spark ETL: ingest, quarantine, split, normalize, write the Parquet dataset", _cmd_stage)
     stage_parser("train", "DDP training via torchrun (train.world_size processes); registers the model", _cmd_stage)
     promote = stage_parser("promote", "promotion gate: move `champion` to the new version if it is better", _cmd_promote)
+    promote.epilog = ("The metric (promote.metric) is the one each version's training run logged on its test split; "
+                      "when the two runs were tested on different datasets, both versions are scored on the current "
+                      "test split and compared on that. The decision is tagged on the version (promotion.*).")
     promote.add_argument("--version", help="registry version to judge (default: the one `train` registered)")
     promote.add_argument("--force", dest="force_promotion", action="store_true",
                          help="promote regardless of the metric (still smoke-tested); recorded as forced")

@@ -40,6 +40,9 @@ def test_help_lists_every_stage(capsys):
     for command in ("sample", "validate", "etl", "train", "score", "run", "demo"):
         assert command in out
     assert "exit codes" in out
+    with pytest.raises(SystemExit):
+        main(["promote", "--help"])
+    assert "both versions are scored on the current test split" in " ".join(capsys.readouterr().out.split())
 
 
 def test_validate_prints_the_resolved_config(capsys):
