@@ -313,23 +313,23 @@ def _comparable(client: MlflowClient, remeasure: TestSplitMetric | None, version
     """((candidate value, champion value), what they were measured on, a note for the reason): the runs' logged
     values while the runs name the same dataset, else both versions' `metric` on the current test split when
     `remeasure` is given and predictions give the metric. PromotionError (nothing moved yet) naming a version that
-    cannot be scored on that split."""
+    cannot be scored on that split; DataError when the pipeline has no dataset to measure on."""
     datasets = _different_datasets(client, *versions)
     if not datasets:
         return logged, "training runs", ""
     if remeasure is None:
         return logged, "training runs", f" (measured on {datasets})"
+    measured_on = remeasure.dataset()  # DataError when there is no dataset to measure on
     values = []
     for version in versions:
         try:
             value = remeasure.measure(f"models:/{version.name}/{version.version}", metric)
         except Exception as exc:  # a model that cannot score today's test rows cannot be compared on them
             raise PromotionError(f"version {version.version} of '{version.name}' cannot be measured on the "
-                                 f"{remeasure.dataset()}: {_one_line(exc)}") from exc
+                                 f"{measured_on}: {_one_line(exc)}") from exc
         if value is None:
             return logged, "training runs", f" (measured on {datasets}; {metric} cannot be measured from predictions)"
         values.append(value)
-    measured_on = remeasure.dataset()
     note = f" (both measured on the {measured_on}; their training runs were tested on {datasets})"
     return (values[0], values[1]), measured_on, note
 

@@ -11,8 +11,9 @@ from mlflow import MlflowClient
 
 from dl.promotion import CHALLENGER, CHAMPION, PromotionError, beats
 from jobs.config import PipelineConfig
-from jobs.promote import run_promote
 from jobs.lineage import dataset_digest
+from jobs.promote import run_promote
+from pipelines.errors import DataError
 from registry_helpers import (expected, manifest, network, pipeline_config, raw_rows, register, scaler, tracking,
                               write_dataset)
 
@@ -161,6 +162,13 @@ def test_a_metric_predictions_cannot_give_or_a_champion_that_cannot_score_the_cu
     register(cfg, network(cfg, fitted, seed=1), fitted, store.experiment, {"test_accuracy": 0.4})
     store.client.set_registered_model_alias("old-shape", CHAMPION, "1")
     _tag_datasets(store, "old-shape", {"1": "a" * 16, "2": "b" * 16})
+    manifest_path = cfg.dataset_dir / "manifest.json"
+    manifest_path.rename(cfg.run_dir / "manifest.json.away")
+    try:
+        with pytest.raises(DataError, match=r"^no dataset manifest at .*: run the etl stage first$"):
+            run_promote(cfg)
+    finally:
+        (cfg.run_dir / "manifest.json.away").rename(manifest_path)
     with pytest.raises(PromotionError, match=r"^version 1 of 'old-shape' cannot be measured on the test split of "
                                              r"dataset \w+ \(40 rows\): BadFeatureRow: .*'raw_features' has 64 "
                                              r"values, expected 16"):
