@@ -11,6 +11,7 @@ import atexit
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 from contextlib import contextmanager
@@ -21,6 +22,8 @@ from typing import Iterator, Mapping, Sequence
 from jobs.config import ConfigError, PipelineConfig, load_config
 
 log = logging.getLogger("dlpipe.distributor")
+
+TORCHRUN_LOGS = ".torchelastic"  # in the run folder: torchrun's log folders on the executors, removed after training
 
 
 class DistributorSettingsError(ConfigError):
@@ -121,6 +124,14 @@ def _exit_before_teardown(returned: list[int]) -> None:
         os._exit(returned[0])
 
 
+def torchrun_log_dir(cfg: PipelineConfig) -> Path:
+    """Where TorchDistributor's torchrun on each executor keeps its logs (`PET_LOG_DIR`, set by `dlpipe submit`):
+    in the run folder, which the executors share with the driver (the ranks write their checkpoints there), so the
+    driver removes it after training; left to itself, torchrun makes a `torchelastic_*` folder per launch in each
+    executor's temp folder and never removes it."""
+    return cfg.run_dir.resolve() / TORCHRUN_LOGS
+
+
 def rank_overrides(cfg: PipelineConfig, overrides: Sequence[str]) -> list[str]:
     """The overrides as the ranks need them: a relative run_dir pinned to the driver's absolute one (executors
     run in their own working directories)."""
@@ -170,6 +181,8 @@ def run_distributed(
         log.error("TorchDistributor training failed: %s", str(exc).strip().splitlines()[0] if str(exc).strip() else exc)
         log.debug("TorchDistributor failure", exc_info=True)
         return 1
+    finally:
+        shutil.rmtree(torchrun_log_dir(cfg), ignore_errors=True)  # torchrun reported any rank's error already
     return int(code or 0)
 
 

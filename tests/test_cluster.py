@@ -124,7 +124,10 @@ def executors_per_worker(master_state: dict, app_name: str) -> list[int]:
 
 @pytest.mark.cluster
 @pytest.mark.slow
-def test_pipeline_on_a_standalone_cluster_matches_the_local_run(tmp_path):
+def test_pipeline_on_a_standalone_cluster_matches_the_local_run(tmp_path, monkeypatch):
+    temp = tmp_path / "temp"  # every process's temp folder: the cluster's daemons, executors and Python workers
+    temp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(temp))
     raw = tmp_path / "raw"
     write_class_folders(raw, CLASSES)
     local_dir, cluster_dir = tmp_path / "local", tmp_path / "cluster"
@@ -153,6 +156,10 @@ def test_pipeline_on_a_standalone_cluster_matches_the_local_run(tmp_path):
             raise
 
     assert "Started distributed training with 2 executor processes" in trained
+    # torchrun on each executor logged into the run folder (PET_LOG_DIR), which the driver removed after training;
+    # it used to leave a torchelastic_* folder per launch in the executors' temp folder.
+    assert not (cluster_dir / ".torchelastic").exists()
+    assert not list(temp.glob("torchelastic_*")), sorted(p.name for p in temp.iterdir())
     assert "etl: up to date" in ran and "train: up to date" in ran
 
     local_manifest = json.loads((local_dir / "dataset" / "manifest.json").read_text())
@@ -228,6 +235,9 @@ def test_training_submits_disable_retries_and_dynamic_allocation(tmp_path):
     conf = conf_of(build_submit_command("train", DIGITS, [], "spark://h:7077", dist_dir=tmp_path))
     assert conf["spark.task.maxFailures"] == "1" and conf["spark.stage.maxConsecutiveAttempts"] == "1"
     assert conf["spark.dynamicAllocation.enabled"] == "false"
+    assert conf["spark.executorEnv.PET_LOG_DIR"] == str(load_config(DIGITS, []).run_dir.resolve() / ".torchelastic")
+    assert "spark.executorEnv.PET_LOG_DIR" not in conf_of(build_submit_command("score", DIGITS, [], "spark://h:7077",
+                                                                               dist_dir=tmp_path))
 
 
 def test_yarn_cluster_mode_reads_the_shipped_config_and_a_packed_environment(tmp_path):
