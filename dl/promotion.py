@@ -182,10 +182,14 @@ class TestSplitMetric:
     batch_size: int = 1024
     normal_label: str | None = None  # train.anomaly.normal_label: which class is normal, for an anomaly model
 
+    @functools.cached_property
+    def manifest(self) -> dict:
+        """The current dataset's manifest (read once); DataError when the pipeline has no dataset."""
+        return read_manifest(self.dataset_dir)
+
     def dataset(self) -> str:
         """What the values are measured on: `test split of dataset <digest> (<rows> rows)`."""
-        manifest = read_manifest(self.dataset_dir)
-        return f"test split of dataset {dataset_digest(manifest)} ({manifest['counts']['test']} rows)"
+        return f"test split of dataset {dataset_digest(self.manifest)} ({self.manifest['counts']['test']} rows)"
 
     def measure(self, model_uri: str, metric: str) -> float | None:
         """`metric` (a `test_` name, e.g. test_accuracy) of `model_uri` on the test split; None when predictions do
@@ -193,7 +197,6 @@ class TestSplitMetric:
         from pipelines.evaluation import labels_as_names, predictions_report
         from pipelines.scoring import model_contract, score_parquet
 
-        classes = read_manifest(self.dataset_dir)["classes"]
         contract = model_contract(model_uri)
         spark = self.spark()
         Path(self.workdir).mkdir(parents=True, exist_ok=True)
@@ -201,7 +204,7 @@ class TestSplitMetric:
             score_parquet(spark, model_uri, split_dir(self.dataset_dir, "test"), tmp, batch_size=self.batch_size)
             predictions = spark.read.parquet(tmp)
             if "label" in predictions.columns and contract.task in ("classification", "anomaly"):
-                predictions = labels_as_names(predictions, classes)
+                predictions = labels_as_names(predictions, self.manifest["classes"])
             report = predictions_report(predictions, contract.task, contract.classes, self.normal_label)
         value = report.get(metric.removeprefix("test_"))
         return None if value is None else float(value)

@@ -178,8 +178,9 @@ def test_regression_training_keeps_rows_for_the_test_details_only(tmp_path, monk
     monkeypatch.setattr(dl.tasks, "RegressionMeter", Recording)
     monkeypatch.delenv("WORLD_SIZE", raising=False)  # one process: an in-memory process group
     task, mse_sum = build_task(MLP, CLASSES), build_loss(LossConf(name="mse"), reduction="sum")
-    val_dir = split_dir(tmp_path / "data", "val")
-    val_rows = lambda: ArrowLoader(val_dir, task.columns, 5, rank=0, world_size=1, shuffle=False)  # noqa: E731
+    def val_rows() -> ArrowLoader:
+        return ArrowLoader(split_dir(tmp_path / "data", "val"), task.columns, 5, rank=0, world_size=1, shuffle=False)
+
     with distributed("gloo", seed=0) as ctx:
         network = build_model(MLP, (WIDTH,), task.num_outputs)
         result = fit(network, _conf(epochs=3), tmp_path / "data", task, ctx, tmp_path / "out")
