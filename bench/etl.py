@@ -81,20 +81,28 @@ memory, and Spark's seconds growing linearly from 1M to 10M rows. The spec's anc
 this job: 10M rows pandas 135 s / 10.3 GB, polars 52 s / 4.8 GB, a straightforward Spark job 113 s / 1.3 GB
 JVM; 1M rows pandas 12.3 s, polars 4.4 s, Spark 31 s.
 
-**Where it stands (record above, 2026-11-25 04:15-04:27 UTC, load average 2.4 on average, 3.1 at most, AMD
-EPYC host): the speed goal is not met. dlpipe's ETL runs at 0.30x polars' rows/s at 10M rows (121.1 s against
-36.1 s; 0.6x would be polars' time / 0.6: 60 s).** The records before it: 2026-11-24 22:15 UTC 128.5 s against
-35.3 s (0.27x), 18:26 UTC 115.8 s against 37.8 s (0.33x), 09:12 UTC 112.4 s against 33.6 s (0.30x). This record's
-code reads each CSV file's header first (a file may name the columns in any order; the benchmark's one file is one
-group, read as before, plus one projection) and places a small split's rows by rank in a hash order (this job's
-splits are far above 1,000 rows per file, so its files are still merged partitions): its path is otherwise the
-one measured before, and its times are within the earlier records' spread. Spark's own floors: parse 22.2 s,
-parse and write 46.4 s. The 1 GB-driver run took 112.5 s (145.0, 122.2 and 108.2 s in the records before).
-Memory: with `spark.driver_memory: 1g` the 10M-row job peaks at 1.7 GB (summed PSS, Python + JVM), 0.18 of
-pandas' 9.6 GB (goal: under a quarter, met, as in every record); with the default 2g at 2.8 GB (0.29): a 2 GB heap
-grows as far as its collector lets it, while the 1 GB driver's stays at 1.6-1.7 GB. Growth from 1M to 10M rows is
-sub-linear (35.9 s -> 121.1 s: the JVM start, the MLflow store and ~25 Spark jobs' planning and code generation
-are fixed costs).
+**Where it stands (record above, 2026-11-25 08:54-09:06 UTC, load average 2.3 on average, 3.1 at most, AMD
+EPYC host): the speed goal is not met. dlpipe's ETL runs at 0.30x polars' rows/s at 10M rows (128.7 s against
+38.5 s; 0.6x would be polars' time / 0.6: 64 s).** The records before it: 2026-11-25 04:15 UTC 121.1 s against
+36.1 s (0.30x), 2026-11-24 22:15 UTC 128.5 s against 35.3 s (0.27x), 18:26 UTC 115.8 s against 37.8 s (0.33x),
+09:12 UTC 112.4 s against 33.6 s (0.30x). This record's code places every split's rows in its files by key (below:
+~3.5 s more at this size); its path is otherwise the one measured before. Spark's own floors: parse 22.6 s, parse
+and write 46.4 s. The 1 GB-driver run took 123.5 s (112.5, 145.0, 122.2 and 108.2 s in the records before).
+Memory: with `spark.driver_memory: 1g` the 10M-row job peaks at 1.6 GB (summed PSS, Python + JVM), 0.16 of
+pandas' 9.9 GB (goal: under a quarter, met, as in every record); with the default 2g at 1.9-2.8 GB across records:
+a 2 GB heap grows as far as its collector lets it, while the 1 GB driver's stays at 1.6-1.7 GB. Growth from 1M to
+10M rows is sub-linear (37.8 s -> 128.7 s: the JVM start, the MLflow store and ~25 Spark jobs' planning and code
+generation are fixed costs).
+
+**The dataset's files depend on the keys alone (2026-11-25).** A dataset whose every split had at least 1,000 rows
+per file used to be written as the input's partitions merged (`coalesce`, no shuffle). Spark cuts a file input
+into partitions by the cores it runs on (each the input's bytes / the default parallelism, at least 4 MB and at
+most `spark.sql.files.maxPartitionBytes`), so the files, and with them what each training rank reads, changed with
+the machine: the benchmark's CSV of 300,000 rows gave the same files with `local[2]` and `local[4]` but other
+ones with `local[3]` (train files of 76,817 and 132,515 rows against 114,877 and 94,455). Every split is now
+placed by key (a hash of `id`, sorted by `id` in each file), as smaller ones already were. Its cost, measured on
+the 10M-row CSV with `bench.etl.run_dlpipe` in one script, no sampler, the two versions alternating: merged 110.7
+and 111.4 s, placed by key 116.5 and 112.5 s (~3.5 s, 3%).
 
 **Wide tables (2026-11-24, not in the table above).** `dlpipe etl` of a generated CSV of 2,000 rows x 300
 double columns (plus an int key and a string label), on this machine, two runs of each version alternating,
@@ -114,9 +122,9 @@ split, 52.2 s with `split.method: hash`. Now one job orders the rows and finds e
 a comparison with them (a broadcast table of at most two rows per label), so no later pass sorts: 57.5 and 57.4 s,
 against 80.8 s for the window in the same session, with the same rows in each split (compared on seven inputs of
 2 to 5,000 rows, 1 to 50 labels, null labels, string and long keys). Without the window's shuffle, the dataset
-write used to merge a small input's partitions into files that could hold no train row; it now merges only when
-every split has at least 1,000 rows per file (`pipelines/dataset.py::_in_files`), and spreads a smaller dataset
-by a hash of its key, so its files are the same however the input was partitioned (the cluster test trains to
+write used to merge a small input's partitions into files that could hold no train row; it then merged only when
+every split had at least 1,000 rows per file (`pipelines/dataset.py::_in_files`), and spread a smaller dataset
+by a hash of its key, so its files were the same however the input was partitioned (the cluster test trains to
 the local run's loss again). Keeping each JSON line for its quarantine record (session 15) costs nothing
 measurable: 74.9 and 80.9 s with it, 77.1 and 76.9 s with the values' JSON instead (alternating runs); nor does
 the one-value-per-line check (72.8 and 74.9 s without it). Why JSON Lines is slower than CSV: Spark's JSON parser
@@ -135,7 +143,7 @@ are not: 10M rows, the 20:15 record -> the 22:07 one (the first with the new sam
 polars 60.8 -> 34.2 s, dlpipe 151.3 -> 113.6 s, Spark parse 28.3 -> 21.7 s. The earlier records' ratios
 (0.40x, 0.32x) were flattered by a sampler that slowed pandas and polars the most.
 
-**Why 0.6x is out of reach for a Spark job on this machine.** 0.6x polars is 56-63 s. Spark's own floors in
+**Why 0.6x is out of reach for a Spark job on this machine.** 0.6x polars is 56-64 s. Spark's own floors in
 the same records: parsing the CSV alone 21.7-21.9 s; parsing and writing every row as Parquet with Spark's
 defaults 45.3-47.5 s (0.74-0.76x polars, with no checks, split, statistics or features at all), 31.4-34.4 s
 with dictionary encoding off. Measured on the 10M-row CSV, each part the job cannot drop, at its cheapest
@@ -143,8 +151,8 @@ with dictionary encoding off. Measured on the 10M-row CSV, each part the job can
 15 s to write; reading the CSV again: ~27 s); the key count 6.5 s at best (grouping on the typed long key
 instead of its text); the statistics pass (quality report and scaler together) 7 s; the dataset write 19-22 s
 (it is 14-16 s only when the JVM has written the same kind of rows before: ~5 s is the writer's JIT warm-up,
-in this cold job). That is 74-77 s with no gaps between jobs, no JVM start and no MLflow run: 1.2-1.3x the
-goal.
+in this cold job; placing its rows by key, since 2026-11-25, adds ~3.5 s). That is 74-81 s with no gaps between
+jobs, no JVM start and no MLflow run: 1.2-1.4x the goal.
 
 Changes this round, timeline of the real job (Spark event log, no sampler): start 6.2 s (8.2 s before: the
 MLflow store is created while the JVM starts); read, check and write the scratch Parquet 43.2 s; duplicate keys

@@ -24,7 +24,7 @@ from pipelines.spark import concurrent_writers, in_partitions
 from pipelines.split import SPLITS
 
 MANIFEST_NAME = "manifest.json"
-MERGE_ROWS_PER_FILE = 1000  # a split's rows per file above which files are merged input partitions (no shuffle)
+RANKED_ROWS_PER_FILE = 1000  # a split's rows per file under which its files are cut by rank (exact sizes), not by hash
 
 
 def write_quarantine(rows: DataFrame, path: Path) -> None:
@@ -159,19 +159,15 @@ def build_manifest(
 
 
 def _in_files(dataset: DataFrame, files: int, split_rows: dict[str, int]) -> DataFrame:
-    """`dataset` in partitions that each become one file per split, `files` per split.
+    """`dataset` in `files` partitions, each of which becomes one file per split, its rows sorted by `id`.
 
-    A large input (at least `files` partitions, and `MERGE_ROWS_PER_FILE` rows of every split per file, by its
-    `split_rows`) has its partitions merged: no shuffle, each file holds runs of input rows, and a split that is drawn
-    by key (ranked or hash) reaches every file. Otherwise the rows are shuffled into files, a split under
-    `MERGE_ROWS_PER_FILE` rows per file by `_place_by_rank`, a larger one by a hash of `id` (about n / files rows in
-    each file, and no sort of the split), and sorted by `id` in each file: which file holds a row, and where, depends
-    on the keys alone, not on how the input was partitioned (the same dataset, so the same training, on a cluster
-    as on one host). With splits of both kinds the rows are read twice (a filter for each kind), not sorted whole.
+    Which file holds a row, and where, depends on the keys alone, never on how the input was partitioned (which
+    follows the cores a job runs on): the same dataset, so the same training, on a cluster as on one host, and files
+    of near-equal size for the ranks that read them. A split under `RANKED_ROWS_PER_FILE` rows per file (by its
+    `split_rows`) is placed by `_place_by_rank`, a larger one by a hash of `id` (about n / files rows in each file,
+    and no sort of the split). With splits of both kinds the rows are read twice (a filter for each kind).
     """
-    small = [split for split in SPLITS if split_rows.get(split, 0) < files * MERGE_ROWS_PER_FILE]
-    if not small and dataset.rdd.getNumPartitions() >= files:
-        return dataset.coalesce(files)
+    small = [split for split in SPLITS if split_rows.get(split, 0) < files * RANKED_ROWS_PER_FILE]
     larger = [split for split in SPLITS if split not in small]
     placed = []
     if small:
