@@ -20,7 +20,7 @@ from pipelines import sql_text as sql
 from pipelines.errors import DataError
 from pipelines.quality import QUALITY_NAME
 from pipelines.shards import check_shardable, split_dir
-from pipelines.spark import concurrent_writers, in_partitions
+from pipelines.spark import in_partitions
 from pipelines.split import SPLITS
 
 MANIFEST_NAME = "manifest.json"
@@ -210,8 +210,7 @@ def write_dataset(
     in_files = _in_files(dataset, output.files_per_split, manifest["counts"])
     writer = in_files.write.option("parquet.block.size", output.row_group_bytes)
     with atomic_directory(out_dir) as staging:
-        with concurrent_writers(dataset.sparkSession, len(SPLITS)):  # one file open per split: no sort by split
-            writer.partitionBy("split").parquet(str(staging))
+        writer.partitionBy("split").parquet(str(staging))  # sorted by split already: Spark adds no sort
         for split in SPLITS:
             check_shardable(split_dir(staging, split), world_size, shown_as=split_dir(out_dir, split))
         if describe_written:

@@ -17,7 +17,6 @@ from jobs.termination import reclaim_sigint
 # cannot compile at all, and a big compiled one it optimizes poorly.
 JIT_HUGE_METHODS = "-XX:-DontCompileHugeMethods"
 HUGE_METHOD_LIMIT = "spark.sql.codegen.hugeMethodLimit"
-CONCURRENT_WRITERS = "spark.sql.maxConcurrentOutputFileWriters"
 
 
 def spark_session(conf: SparkConf, app_name: str) -> SparkSession:
@@ -79,12 +78,6 @@ def small_generated_methods(spark: SparkSession) -> ContextManager[None]:
     Set it while a DataFrame is both kept (`persist` plans it, in a copy of the session's settings) and first run.
     """
     return session_setting(spark, HUGE_METHOD_LIMIT, "8000")
-
-
-def concurrent_writers(spark: SparkSession, writers: int) -> ContextManager[None]:
-    """Within the block, a partitioned write keeps up to `writers` files open per task instead of sorting its rows
-    by partition value first (Spark's default: a sort of every row written, spilling to disk at scale)."""
-    return session_setting(spark, CONCURRENT_WRITERS, str(writers))
 
 
 def in_partitions(rows: DataFrame, index: str, partitions: int) -> DataFrame:

@@ -19,7 +19,6 @@ from pipelines.dataset import read_manifest, write_dataset
 from pipelines.errors import DataError
 from pipelines.images import NOT_IN_CLASS_FOLDER, decode_image, ingest_image_folder
 from pipelines.scaling import FittedScaler
-from pipelines.spark import CONCURRENT_WRITERS
 from pipelines.split import assign_split
 
 CLASS_SIZES = {"cat": 20, "dog": 23, "owl": 17}  # 60 decodable images
@@ -295,9 +294,7 @@ def _written_ids(spark, out, rows_in: int, partitions: int, split: str = IN_TURN
         "lpad(id, 5, '0') AS id", "array(CAST(id AS FLOAT)) AS features", f"{split} AS split")
     counts = {"train": 0, "val": 0, "test": 0} | {row["split"]: row["count"] for row in rows.groupBy("split").count()
                                                     .collect()}
-    writers = spark.conf.get(CONCURRENT_WRITERS, None)
     write_dataset(rows, out, {"counts": counts}, {}, OutputConf(files_per_split=files), world_size=world_size)
-    assert spark.conf.get(CONCURRENT_WRITERS, None) == writers  # the write's own setting is not left behind
     paths = {split: sorted(out.glob(f"split={split}/*.parquet")) for split in ("train", "val", "test")}
     return {split: [pq.read_table(path).column("id").to_pylist() for path in files] for split, files in paths.items()}
 
