@@ -165,7 +165,8 @@ def _in_files(dataset: DataFrame, files: int, split_rows: dict[str, int]) -> Dat
     follows the cores a job runs on): the same dataset, so the same training, on a cluster as on one host, and files
     of near-equal size for the ranks that read them. A split under `RANKED_ROWS_PER_FILE` rows per file (by its
     `split_rows`) is placed by `_place_by_rank`, a larger one by a hash of `id` (about n / files rows in each file,
-    and no sort of the split). With splits of both kinds the rows are read twice (a filter for each kind).
+    and no ordering of the whole split in one task). With splits of both kinds the rows are read twice (a filter for
+    each kind).
     """
     small = [split for split in SPLITS if split_rows.get(split, 0) < files * RANKED_ROWS_PER_FILE]
     larger = [split for split in SPLITS if split not in small]
