@@ -40,6 +40,7 @@ class SparkConf(_Strict):
     master: str = "local[*]"
     driver_memory: str = "2g"
     shuffle_partitions: PositiveInt = 8
+    progress_seconds: float = Field(30.0, ge=0)  # a log line per running Spark stage this often; 0: none
     conf: dict[str, str] = Field(default_factory=dict)  # Spark settings, e.g. spark.sql.adaptive.enabled: true
 
     @field_validator("conf", mode="before")

@@ -12,6 +12,7 @@ from pyspark.sql import functions as F
 
 from jobs.config import ConfigError, SparkConf
 from jobs.termination import reclaim_sigint
+from pipelines.spark_progress import report_progress
 
 # The JVM does not JIT-compile a method over 8000 bytes of bytecode unless told to (below); a much bigger one it
 # cannot compile at all, and a big compiled one it optimizes poorly.
@@ -20,7 +21,8 @@ HUGE_METHOD_LIMIT = "spark.sql.codegen.hugeMethodLimit"
 
 
 def spark_session(conf: SparkConf, app_name: str) -> SparkSession:
-    """Get or create the SparkSession for a stage; executors use this interpreter unless told otherwise."""
+    """Get or create the SparkSession for a stage; executors use this interpreter unless told otherwise. While its
+    jobs run, their stages' progress is logged every `conf.progress_seconds` (`pipelines/spark_progress.py`)."""
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
     builder = (
@@ -52,6 +54,7 @@ def spark_session(conf: SparkConf, app_name: str) -> SparkSession:
                           f"is Java 17 on the PATH or JAVA_HOME?") from None
     reclaim_sigint()  # Ctrl-C stops the job as SIGTERM does, not through PySpark's own handler
     spark.sparkContext.setLogLevel("ERROR")
+    report_progress(spark.sparkContext, conf.progress_seconds)
     return spark
 
 

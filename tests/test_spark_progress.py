@@ -1,0 +1,72 @@
+"""Progress lines for long Spark work (pipelines/spark_progress.py), read from a real local[2] session's jobs."""
+from __future__ import annotations
+
+import logging
+import re
+import time
+
+from pipelines.spark_progress import StageProgress, report_progress
+
+LINE = re.compile(r"Spark stage (\d+) \((.+)\): (\d+)/(\d+) tasks done, (\d+) running")
+
+
+def _slow_count(spark, tasks: int, seconds: float) -> int:
+    """A job of one stage of `tasks` tasks, each taking `seconds`."""
+    def slow(rows):
+        time.sleep(seconds)
+        yield from rows
+    return spark.sparkContext.parallelize(range(tasks), tasks).mapPartitions(slow).count()
+
+
+def _progress_lines(caplog) -> list[logging.LogRecord]:
+    return [record for record in caplog.records if record.name == "dlpipe.spark"]
+
+
+def test_a_running_stage_is_logged_with_its_tasks_done_until_the_reporter_stops(spark, caplog):
+    """6 tasks of 0.6 s on 2 cores run ~1.8 s: reported every 0.2 s, the lines name the stage and count its tasks
+    done (growing), running and in all (6); after `stop` nothing more is logged."""
+    caplog.set_level(logging.INFO, logger="dlpipe.spark")
+    report_progress(spark.sparkContext, 30).stop()  # the shared session's own reporter: its lines would mix in
+    reporter = StageProgress(spark.sparkContext, every=0.2).start()
+    try:
+        assert _slow_count(spark, tasks=6, seconds=0.6) == 6
+    finally:
+        reporter.stop()
+    assert not reporter.running
+    records = _progress_lines(caplog)
+    matches = [LINE.fullmatch(record.getMessage()) for record in records]
+    assert len(matches) >= 3 and all(matches), [record.getMessage() for record in records]
+    assert len({m[1] for m in matches}) == 1 and "count at" in matches[0][2]  # one stage, named as Spark names it
+    done = [int(m[3]) for m in matches]
+    assert done == sorted(done) and done[0] < 6
+    assert {int(m[4]) for m in matches} == {6} and any(int(m[5]) > 0 for m in matches)
+    assert records[0].fields == {"spark_stage": int(matches[0][1]), "tasks_done": done[0], "tasks": 6,
+                                 "tasks_running": int(matches[0][5]), "tasks_failed": 0}  # for --log-format json
+    _slow_count(spark, tasks=2, seconds=0.5)
+    assert len(_progress_lines(caplog)) == len(records)
+
+
+def test_one_reporter_per_context_none_with_progress_seconds_0_and_none_left_after_the_context_stops(spark):
+    """A session got again keeps its reporter; `spark.progress_seconds: 0` starts none; a reporter whose context was
+    stopped (SparkContext.stop clears `_jsc`) ends by itself at its next tick."""
+    assert report_progress(spark.sparkContext, 0) is None
+    first = report_progress(spark.sparkContext, 60)
+    try:
+        assert first is not None and first.running
+        assert report_progress(spark.sparkContext, 60) is first
+    finally:
+        first.stop()
+    assert report_progress(spark.sparkContext, 0) is None
+
+    class StoppedContext:
+        _jsc = None
+
+        def statusTracker(self):
+            return None
+
+    context = StoppedContext()
+    orphan = StageProgress(context, every=0.05).start()
+    deadline = time.monotonic() + 10
+    while orphan.running and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not orphan.running
