@@ -14,6 +14,7 @@ import weakref
 from pyspark import SparkContext
 
 log = logging.getLogger("dlpipe.spark")
+STOP_WAIT = 10.0  # seconds `stop` waits for a status call in flight
 
 _REPORTERS: weakref.WeakKeyDictionary[SparkContext, StageProgress] = weakref.WeakKeyDictionary()
 
@@ -35,9 +36,10 @@ class StageProgress:
         return self
 
     def stop(self) -> None:
-        """Stop reporting; returns once the thread has ended."""
+        """Stop reporting; returns once the thread has ended, or after STOP_WAIT seconds of a JVM that does not answer
+        (the thread is a daemon: it never holds the interpreter's exit)."""
         self._stopped.set()
-        self._thread.join()
+        self._thread.join(STOP_WAIT)
 
     @property
     def running(self) -> bool:

@@ -3,10 +3,14 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 import time
 
+from jobs.config import SparkConf
+from pipelines.spark import spark_session
 from pipelines.spark_progress import StageProgress, report_progress
 
+PROGRESS_THREAD = "dlpipe-spark-progress"
 LINE = re.compile(r"Spark stage (\d+) \((.+)\): (\d+)/(\d+) tasks done, (\d+) running")
 
 
@@ -16,6 +20,10 @@ def _slow_count(spark, tasks: int, seconds: float) -> int:
         time.sleep(seconds)
         yield from rows
     return spark.sparkContext.parallelize(range(tasks), tasks).mapPartitions(slow).count()
+
+
+def _thread_names() -> set[str]:
+    return {thread.name for thread in threading.enumerate()}
 
 
 def _progress_lines(caplog) -> list[logging.LogRecord]:
@@ -47,8 +55,9 @@ def test_a_running_stage_is_logged_with_its_tasks_done_until_the_reporter_stops(
 
 
 def test_one_reporter_per_context_none_with_progress_seconds_0_and_none_left_after_the_context_stops(spark):
-    """A session got again keeps its reporter; `spark.progress_seconds: 0` starts none; a reporter whose context was
-    stopped (SparkContext.stop clears `_jsc`) ends by itself at its next tick."""
+    """A session got again keeps its reporter, `spark_session` starts one where none runs, `spark.progress_seconds: 0`
+    starts none; a reporter whose context was stopped (SparkContext.stop clears `_jsc`) ends by itself at its next
+    tick."""
     assert report_progress(spark.sparkContext, 0) is None
     first = report_progress(spark.sparkContext, 60)
     try:
@@ -57,6 +66,9 @@ def test_one_reporter_per_context_none_with_progress_seconds_0_and_none_left_aft
     finally:
         first.stop()
     assert report_progress(spark.sparkContext, 0) is None
+    assert PROGRESS_THREAD not in _thread_names()
+    again = spark_session(SparkConf(master="local[2]", driver_memory="1g", shuffle_partitions=4), "dlpipe-tests")
+    assert again is spark and PROGRESS_THREAD in _thread_names()  # every stage's session reports (default 30 s)
 
     class StoppedContext:
         _jsc = None
