@@ -64,7 +64,8 @@ class StageProgress:
                 return
             try:
                 self.report()
-            except Exception:  # noqa: BLE001 - stopped between the check and the report: nothing left to report
+            except Exception as exc:  # noqa: BLE001 - stopped between the check and the report: nothing to report
+                log.debug("Spark progress lines end: %s", exc)
                 return
 
     def _context_stopped(self) -> bool:
