@@ -17,12 +17,13 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 from jobs.config import ConfigError, PipelineConfig, load_config
 
 log = logging.getLogger("dlpipe.distributor")
 
+TORCHRUN_LOG_ENV = "PET_LOG_DIR"  # torchrun's --log-dir, read from the environment
 TORCHRUN_LOGS = ".torchelastic"  # in the run folder: torchrun's log folders on the executors, removed after training
 
 
@@ -175,15 +176,39 @@ def run_distributed(
         plan.num_processes, plan.local_mode, plan.use_gpu, conf.get("spark.master"),
     )
     distributor = TorchDistributor(num_processes=plan.num_processes, local_mode=plan.local_mode, use_gpu=plan.use_gpu)
-    try:
-        code = distributor.run(train_rank, str(config), rank_overrides(cfg, overrides))
-    except Exception as exc:  # noqa: BLE001 - a rank died: Spark aborts the barrier job; report like torchrun
-        log.error("TorchDistributor training failed: %s", str(exc).strip().splitlines()[0] if str(exc).strip() else exc)
-        log.debug("TorchDistributor failure", exc_info=True)
-        return 1
-    finally:
-        shutil.rmtree(torchrun_log_dir(cfg), ignore_errors=True)  # torchrun reported any rank's error already
-    return int(code or 0)
+    shared = conf.get(f"spark.executorEnv.{TORCHRUN_LOG_ENV}") == str(torchrun_log_dir(cfg))  # by dlpipe submit
+    return train_once_more_if_no_rank_started(
+        lambda: distributor.run(train_rank, str(config), rank_overrides(cfg, overrides)),
+        torchrun_log_dir(cfg) if shared else None)
+
+
+def train_once_more_if_no_rank_started(train: Callable[[], object], logs: Path | None) -> int:
+    """`train()`'s exit code (0 when it returns None), or 1 when it raised (a rank died: Spark aborts the barrier
+    job; torchrun has printed the rank's error). Started once more when the first try failed before any rank started:
+    TorchDistributor picks a free port for torchrun's rendezvous and lets it go, and another process can bind it
+    before torchrun does (EADDRINUSE on the rendezvous). That is known when torchrun's shared log folder `logs`
+    (`PET_LOG_DIR`) holds no `attempt_*` folder, which torchrun makes as it starts the ranks; without `logs`, never
+    retried. The folder is removed after each try."""
+    tries = 2
+    while True:
+        tries -= 1
+        try:
+            return int(train() or 0)
+        except Exception as exc:  # noqa: BLE001 - reported here, as torchrun reports a rank's failure
+            if not tries or logs is None or any(logs.glob("*/attempt_*")):
+                log.error("TorchDistributor training failed: %s", _first_line(exc))
+                log.debug("TorchDistributor failure", exc_info=True)
+                return 1
+            log.warning("TorchDistributor: training failed before any rank started (%s), e.g. its rendezvous port "
+                        "was taken before torchrun bound it: starting it once more", _first_line(exc))
+        finally:
+            if logs is not None:
+                shutil.rmtree(logs, ignore_errors=True)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else repr(exc)
 
 
 def train_on_cluster(cfg: PipelineConfig, config_path: str, overrides: list[str]) -> dict:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from jobs.config import ConfigError, load_config
-from jobs.distributor import torchrun_log_dir
+from jobs.distributor import TORCHRUN_LOG_ENV, torchrun_log_dir
 
 log = logging.getLogger("dlpipe.submit")
 
@@ -136,7 +136,7 @@ def build_submit_command(
         conf.setdefault("spark.task.maxFailures", "1")
         conf.setdefault("spark.stage.maxConsecutiveAttempts", "1")
         conf.setdefault("spark.dynamicAllocation.enabled", "false")  # barrier mode needs fixed executors
-        conf.setdefault("spark.executorEnv.PET_LOG_DIR", str(torchrun_log_dir(cfg)))  # removed after training
+        conf.setdefault(f"spark.executorEnv.{TORCHRUN_LOG_ENV}", str(torchrun_log_dir(cfg)))  # removed after training
 
     # In cluster mode the driver runs remotely and reads the YAML shipped with --files from its working dir.
     driver_config = config.name if deploy_mode == "cluster" else str(config)

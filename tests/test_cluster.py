@@ -8,6 +8,7 @@ through the built spark-submit command, training through TorchDistributor with 2
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import signal
@@ -31,6 +32,7 @@ from jobs.distributor import (
     require_task_slots,
     task_slots,
     train_on_cluster,
+    train_once_more_if_no_rank_started,
 )
 from jobs.submit import SubmitError, build_submit_command
 from spark_cluster import spark_env, standalone_cluster
@@ -335,3 +337,36 @@ def test_ranks_get_an_absolute_run_dir(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = load_config(DIGITS)  # run_dir: runs/digits-cnn, relative to where the driver runs
     assert rank_overrides(cfg, ["train.epochs=2"]) == ["train.epochs=2", f"run_dir={tmp_path / 'runs' / 'digits-cnn'}"]
+
+
+def test_training_that_failed_before_any_rank_started_is_started_once_more(tmp_path, caplog):
+    """TorchDistributor lets the rendezvous port it picked go before torchrun binds it; when another process takes it
+    (EADDRINUSE, seen once in this suite's cluster test) no rank starts, and torchrun's shared log folder holds no
+    `attempt_*` folder: dlpipe trains once more. A failure after the ranks started, a second failure, or no shared
+    log folder (a session `dlpipe submit` did not configure) is reported as it is: exit 1, no retry."""
+    logs, calls = tmp_path / ".torchelastic", []
+
+    def port_taken_once():
+        calls.append("try")
+        logs.mkdir(exist_ok=True)
+        if len(calls) == 1:
+            raise RuntimeError("TorchDistributor failed during training.View stdout logs for detailed error message.")
+
+    def a_rank_fails():
+        calls.append("try")
+        (logs / "0_x1y2" / "attempt_0" / "0").mkdir(parents=True)
+        raise RuntimeError("rank 0 failed")
+
+    def no_executor_can_train():
+        calls.append("try")
+        raise RuntimeError("no executor")
+
+    with caplog.at_level(logging.WARNING, logger="dlpipe.distributor"):
+        assert train_once_more_if_no_rank_started(port_taken_once, logs) == 0 and len(calls) == 2
+    assert "failed before any rank started (TorchDistributor failed during training" in caplog.text
+    assert not logs.exists()  # removed after each try
+    for train, shared, tries in [(a_rank_fails, logs, 1), (no_executor_can_train, logs, 2),
+                                 (no_executor_can_train, None, 1)]:
+        calls.clear()
+        assert train_once_more_if_no_rank_started(train, shared) == 1 and len(calls) == tries, train.__name__
+    assert train_once_more_if_no_rank_started(lambda: 3, None) == 3
