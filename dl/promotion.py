@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import math
-import re
 import tempfile
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -26,6 +25,7 @@ from jobs.lineage import dataset_digest
 from pipelines.dataset import read_manifest
 from pipelines.errors import DataError
 from pipelines.shards import split_dir
+from pipelines.spark import error_reason
 
 CHALLENGER = "challenger"
 TAG_PREFIX = "promotion."
@@ -118,17 +118,6 @@ def find_candidate(client: MlflowClient, model_name: str, version: str | None = 
         raise PromotionError(str(exc)) from None
 
 
-def _one_line(exc: BaseException) -> str:
-    """A short reason from an exception whose text may be a whole (Spark-wrapped) Python traceback."""
-    text = str(exc)
-    raised = re.findall(r"^\s*([A-Za-z_][\w.]*(?:Error|Exception)): (.+)$", text, re.MULTILINE)
-    if raised:
-        kind, message = raised[-1]  # the innermost error a Python worker raised
-        return f"{kind.rsplit('.', 1)[-1]}: {message.strip()}"[:1000]
-    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
-    return f"{type(exc).__name__}: {first}"[:1000]
-
-
 @dataclass(frozen=True)
 class SmokeTest:
     """Score the first `rows` rows (by id) of `test_split` with a model URI through the real Spark scorer.
@@ -162,7 +151,7 @@ class SmokeTest:
             try:
                 score_parquet(spark, model_uri, sample, predictions, input_col=self.input_col, batch_size=self.batch_size)
             except Exception as exc:  # whatever breaks the scorer breaks the candidate: report it, do not promote
-                reason = _one_line(exc).replace(str(sample), f"{self.rows} rows of {self.test_split}")
+                reason = error_reason(exc).replace(str(sample), f"{self.rows} rows of {self.test_split}")
                 raise SmokeTestFailed(reason) from exc
             outputs = model_contract(model_uri).outputs
             scored = spark.read.parquet(str(predictions)).select("id", *outputs).collect()
@@ -329,7 +318,7 @@ def _comparable(client: MlflowClient, remeasure: TestSplitMetric | None, version
             value = remeasure.measure(f"models:/{version.name}/{version.version}", metric)
         except Exception as exc:  # a model that cannot score today's test rows cannot be compared on them
             raise PromotionError(f"version {version.version} of '{version.name}' cannot be measured on the "
-                                 f"{measured_on}: {_one_line(exc)}") from exc
+                                 f"{measured_on}: {error_reason(exc)}") from exc
         if value is None:
             return logged, "training runs", f" (measured on {datasets}; {metric} cannot be measured from predictions)"
         values.append(value)

@@ -176,10 +176,10 @@ def run_distributed(
         plan.num_processes, plan.local_mode, plan.use_gpu, conf.get("spark.master"),
     )
     distributor = TorchDistributor(num_processes=plan.num_processes, local_mode=plan.local_mode, use_gpu=plan.use_gpu)
-    shared = conf.get(f"spark.executorEnv.{TORCHRUN_LOG_ENV}") == str(torchrun_log_dir(cfg))  # by dlpipe submit
+    logs = torchrun_log_dir(cfg)
+    shared = conf.get(f"spark.executorEnv.{TORCHRUN_LOG_ENV}") == str(logs)  # set by dlpipe submit
     return train_once_more_if_no_rank_started(
-        lambda: distributor.run(train_rank, str(config), rank_overrides(cfg, overrides)),
-        torchrun_log_dir(cfg) if shared else None)
+        lambda: distributor.run(train_rank, str(config), rank_overrides(cfg, overrides)), logs if shared else None)
 
 
 def train_once_more_if_no_rank_started(train: Callable[[], object], logs: Path | None) -> int:
@@ -189,6 +189,8 @@ def train_once_more_if_no_rank_started(train: Callable[[], object], logs: Path |
     before torchrun does (EADDRINUSE on the rendezvous). That is known when torchrun's shared log folder `logs`
     (`PET_LOG_DIR`) holds no `attempt_*` folder, which torchrun makes as it starts the ranks; without `logs`, never
     retried. The folder is removed after each try."""
+    from pipelines.spark import error_reason
+
     tries = 2
     while True:
         tries -= 1
@@ -196,19 +198,14 @@ def train_once_more_if_no_rank_started(train: Callable[[], object], logs: Path |
             return int(train() or 0)
         except Exception as exc:  # noqa: BLE001 - reported here, as torchrun reports a rank's failure
             if not tries or logs is None or any(logs.glob("*/attempt_*")):
-                log.error("TorchDistributor training failed: %s", _first_line(exc))
+                log.error("TorchDistributor training failed: %s", error_reason(exc))
                 log.debug("TorchDistributor failure", exc_info=True)
                 return 1
             log.warning("TorchDistributor: training failed before any rank started (%s), e.g. its rendezvous port "
-                        "was taken before torchrun bound it: starting it once more", _first_line(exc))
+                        "was taken before torchrun bound it: starting it once more", error_reason(exc))
         finally:
             if logs is not None:
                 shutil.rmtree(logs, ignore_errors=True)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else repr(exc)
 
 
 def train_on_cluster(cfg: PipelineConfig, config_path: str, overrides: list[str]) -> dict:

@@ -1,7 +1,9 @@
-"""The one place a SparkSession is built, from the pipeline's `spark:` config."""
+"""The one place a SparkSession is built, from the pipeline's `spark:` config, and helpers around one: scoped settings,
+placing rows in partitions, the short reason of a Spark-wrapped error."""
 from __future__ import annotations
 
 import os
+import re
 import sys
 from contextlib import contextmanager
 from typing import ContextManager, Iterator
@@ -56,6 +58,18 @@ def spark_session(conf: SparkConf, app_name: str) -> SparkSession:
     spark.sparkContext.setLogLevel("ERROR")
     report_progress(spark.sparkContext, conf.progress_seconds)
     return spark
+
+
+def error_reason(exc: BaseException) -> str:
+    """A short reason from an exception whose text may be a whole Spark-wrapped Python traceback (a worker's or a
+    barrier task's): the innermost `SomeError: message` in it, else the exception's type and first line."""
+    text = str(exc)
+    raised = re.findall(r"^\s*([A-Za-z_][\w.]*(?:Error|Exception)): (.+)$", text, re.MULTILINE)
+    if raised:
+        kind, message = raised[-1]  # the innermost error a Python worker raised
+        return f"{kind.rsplit('.', 1)[-1]}: {message.strip()}"[:1000]
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    return f"{type(exc).__name__}: {first}"[:1000]
 
 
 @contextmanager

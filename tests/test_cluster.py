@@ -363,7 +363,7 @@ def test_training_that_failed_before_any_rank_started_is_started_once_more(tmp_p
 
     with caplog.at_level(logging.WARNING, logger="dlpipe.distributor"):
         assert train_once_more_if_no_rank_started(port_taken_once, logs) == 0 and len(calls) == 2
-    assert "failed before any rank started (TorchDistributor failed during training" in caplog.text
+    assert "failed before any rank started (RuntimeError: TorchDistributor failed during training" in caplog.text
     assert not logs.exists()  # removed after each try
     for train, shared, tries in [(a_rank_fails, logs, 1), (no_executor_can_train, logs, 2),
                                  (no_executor_can_train, None, 1)]:
