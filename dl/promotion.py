@@ -26,6 +26,7 @@ from pipelines.dataset import read_manifest
 from pipelines.errors import DataError
 from pipelines.shards import split_dir
 from pipelines.spark import error_reason
+from pipelines.spark_progress import spark_step
 
 CHALLENGER = "challenger"
 TAG_PREFIX = "promotion."
@@ -133,6 +134,7 @@ class SmokeTest:
     batch_size: int = 1024
     input_col: str | None = None  # None: the column the model declares (raw features or text)
 
+    @spark_step("smoke test")
     def run(self, model_uri: str) -> int:
         """Rows scored; raises SmokeTestFailed if scoring fails or the predictions are not one valid row per id."""
         from pipelines.scoring import model_contract, score_parquet  # the real scorer, as `dlpipe score` runs it

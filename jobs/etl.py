@@ -42,6 +42,7 @@ from pipelines.quarantine import quarantine_rows, row_counts
 from pipelines.drift import fit_reference
 from pipelines.scaling import fit_scaler
 from pipelines.spark import spark_session
+from pipelines.spark_progress import spark_step
 from pipelines.split import SPLITS, check_split_sizes, split_rows
 from pipelines.vocabulary import fit_vocabularies
 from pipelines.windows import sliding_windows
@@ -205,6 +206,7 @@ def _text_etl(spark: SparkSession, cfg: PipelineConfig) -> dict:
         )
 
 
+@spark_step("quarantine")
 def _quarantine(checked: DataFrame, is_clean: Column, cfg: PipelineConfig) -> tuple[dict[str, int], dict[str, int]]:
     """Write the quarantine, reconcile the counts and enforce `max_bad_fraction`: (counts, reason -> rows).
 

@@ -19,10 +19,12 @@ from pipelines.file_refusals import file_refusals_named
 from pipelines.input_schema import NUMERIC_ARRAY_TYPES, check_columns, check_parquet_input, pattern_root
 from pipelines.scoring import score_parquet
 from pipelines.spark import spark_session
+from pipelines.spark_progress import spark_step
 
 log = logging.getLogger("dlpipe.score")
 
 
+@spark_step("drift check")
 def check_drift(spark: SparkSession, conf: DriftConf, training_run_id: str, input_path: Path) -> dict:
     """PSI of the input's features against the training manifest's reference; logged, then warn or fail."""
     if conf.action == "off":

@@ -21,6 +21,7 @@ from pipelines.errors import DataError
 from pipelines.quality import QUALITY_NAME
 from pipelines.shards import check_shardable, split_dir
 from pipelines.spark import in_partitions
+from pipelines.spark_progress import spark_step
 from pipelines.split import SPLITS
 
 MANIFEST_NAME = "manifest.json"
@@ -61,6 +62,7 @@ def check_counts(counts: dict[str, int], max_bad_fraction: float, quarantine_dir
         )
 
 
+@spark_step("input hash")
 def content_hash(files: DataFrame, key_col: str, hash_col: str) -> tuple[str, int]:
     """sha256 over the sorted (relative path, file sha256) pairs of the rows that have a file hash, and how many
     files that is; the per-file hashes are computed by Spark."""
@@ -85,6 +87,7 @@ def file_content_hash(files: list[Path], root: Path) -> str:
     return digest.hexdigest()
 
 
+@spark_step("class names")
 def class_names(rows: DataFrame, label_col: str) -> list[str]:
     """The sorted distinct labels: index i of this list is class i."""
     return sorted(row[label_col] for row in rows.select(label_col).distinct().collect())
@@ -96,6 +99,7 @@ def encode_labels(rows: DataFrame, label_col: str, classes: list[str]) -> DataFr
     return rows.withColumn(label_col, index[F.col(label_col)].cast("int"))
 
 
+@spark_step("rows per split")
 def class_balance(rows: DataFrame, classes: list[str]) -> dict[str, dict[str, int]]:
     """Per split, class name -> row count (rows carry the int `label` and `split`); unlabelled rows count as ''."""
     labelled = bool(classes)
@@ -192,6 +196,7 @@ def _place_by_rank(files: int, splits: list[str], split_rows: dict[str, int]) ->
     return F.floor((F.row_number().over(order) - 1) * files / rows)
 
 
+@spark_step("write dataset")
 def write_dataset(
     dataset: DataFrame,
     out_dir: Path,

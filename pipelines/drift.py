@@ -13,6 +13,7 @@ from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
 from pipelines import sql_text as sql
+from pipelines.spark_progress import spark_step
 
 BINS = 10
 EPSILON = 1e-4  # share given to an empty bin, so PSI stays finite
@@ -44,6 +45,7 @@ def _shares(exploded: DataFrame, edges: list[list[float]]) -> list[list[float]]:
     return [[count / total if total else 0.0 for count in row] for row, total in zip(table, totals)]
 
 
+@spark_step("drift reference")
 def fit_reference(train: DataFrame, column: str) -> dict:
     """Decile edges per feature of `column` (an array) on the train split, and the train shares per bin."""
     exploded = _exploded(train, column)

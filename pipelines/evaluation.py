@@ -22,6 +22,7 @@ from pyspark.sql.types import StringType
 from dl.metrics import classification_metrics, contingency_metrics, ranking_metrics, regression_metrics
 from pipelines.dataset import encode_labels
 from pipelines.errors import DataError
+from pipelines.spark_progress import spark_step
 
 log = logging.getLogger("dlpipe.evaluation")
 
@@ -136,6 +137,7 @@ def clustering_report(predictions: DataFrame) -> dict[str, float]:
     return {**(contingency_metrics(_contingency(counts)) if labelled else {}), "distance_mean": distance_mean}
 
 
+@spark_step("evaluate predictions")
 def predictions_report(predictions: DataFrame, task: str, classes: list[str], normal_label: str | None = None) -> dict:
     """The test-split quality of a predictions table for `task` (classification, regression, anomaly or clustering)."""
     if task == "regression":

@@ -8,6 +8,7 @@ from pyspark.sql import functions as F
 from pyspark.sql.types import NumericType
 
 from pipelines import sql_text as sql
+from pipelines.spark_progress import spark_step
 from pipelines.split import SPLITS
 
 QUALITY_NAME = "quality.json"
@@ -41,6 +42,7 @@ def _column_stats(per_split: dict, i: int, numeric: bool, counted_nulls: bool) -
     return stats
 
 
+@spark_step("quality report")
 def quality_report(rows: DataFrame, columns: list[str], classes: list[str], never_null: Collection[str] = ()) -> dict:
     """Per column (overall and per split) null rate, and min/max/mean of numbers; rows and label balance per split.
 

@@ -15,6 +15,7 @@ from pyspark.sql import functions as F
 
 from jobs.config import NormalizeConf
 from pipelines import sql_text as sql
+from pipelines.spark_progress import spark_step
 
 UNROLLED_WIDTH = 1024  # arrays up to this wide are scaled element by element (see FittedScaler.column)
 SHIFT_ROWS = 1000  # the rows a shift for the sums of squares is taken from (_shifts)
@@ -135,6 +136,7 @@ def _shifts(train: DataFrame, elements: list[str], conf: NormalizeConf) -> list[
     return [float(row[f"k{i}"]) if row[f"k{i}"] is not None else 0.0 for i in range(len(elements))]
 
 
+@spark_step("fit scaler")
 def fit_scaler(
     train: DataFrame, column: str | Sequence[str], conf: NormalizeConf, group_size: int,
     names: Sequence[str] | None = None,

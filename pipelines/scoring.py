@@ -27,6 +27,7 @@ from dl.registry import resolve_model_version
 from pipelines.atomic import atomic_directory
 from pipelines.errors import DataError
 from pipelines.input_schema import KEY_TYPES, LABEL_TYPES, NUMERIC_ARRAY_TYPES, TARGET_TYPES, check_columns
+from pipelines.spark_progress import spark_step
 
 _BAD_ROW = "dlpipe-bad-feature-row:"
 _MODELS: dict[tuple[str, str, str, str], tuple] = {}  # per Python worker: (tracking, registry, uri, device) -> model
@@ -167,6 +168,7 @@ def _one_line_reason(exc: Exception) -> str | None:
     return found.group(1).strip() if found else None
 
 
+@spark_step("score")
 def score_parquet(
     spark: SparkSession,
     model_uri: str,

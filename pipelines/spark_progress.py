@@ -1,8 +1,10 @@
-"""Progress lines for long Spark work: while a job runs, each running stage's tasks done, every few seconds.
+"""Progress lines for long Spark work: while a job runs, each running stage's tasks done, every few seconds; and the
+dlpipe step each Spark job belongs to.
 
 Spark's own console progress bar redraws one terminal line; a scheduled job's log needs whole lines instead. Each
-line names the stage as Spark does (`parquet at ...`, `collect at pipelines/quality.py:54`), e.g.
-`Spark stage 3 (parquet at NativeMethodAccessorImpl.java:0): 5/12 tasks done, 2 running`.
+line names the step (`spark_step`) and the stage as Spark does (`parquet at ...`, `collect at
+pipelines/quality.py:54`), e.g. `Spark stage 3 of write dataset (parquet at NativeMethodAccessorImpl.java:0): 5/12
+tasks done, 2 running`. The step is also each job's description in the Spark UI and event log.
 """
 from __future__ import annotations
 
@@ -10,13 +12,37 @@ import atexit
 import logging
 import threading
 import weakref
+from contextlib import contextmanager
+from typing import Iterator
 
 from pyspark import SparkContext
 
 log = logging.getLogger("dlpipe.spark")
 STOP_WAIT = 10.0  # seconds `stop` waits for a status call in flight
+JOB_DESCRIPTION = "spark.job.description"  # the local property SparkContext.setJobDescription sets
 
 _REPORTERS: weakref.WeakKeyDictionary[SparkContext, StageProgress] = weakref.WeakKeyDictionary()
+_step: str | None = None  # the step whose Spark jobs run now (the driver runs one step at a time)
+
+
+@contextmanager
+def spark_step(name: str) -> Iterator[None]:
+    """Spark jobs started within the block (or by a function this decorates) are step `name` of the job: their
+    description in the Spark UI and event log, and the step their progress lines name. Steps nest: the outer
+    step's name is back after the inner one."""
+    global _step
+    context = SparkContext._active_spark_context
+    outer_step = _step
+    outer = context.getLocalProperty(JOB_DESCRIPTION) if context is not None else None
+    _step = name
+    if context is not None:
+        context.setJobDescription(name)
+    try:
+        yield
+    finally:
+        _step = outer_step
+        if context is not None and context._jsc is not None:  # not stopped within the block
+            context.setLocalProperty(JOB_DESCRIPTION, outer)  # None removes it
 
 
 class StageProgress:
@@ -46,17 +72,19 @@ class StageProgress:
         return self._thread.is_alive()
 
     def report(self) -> None:
-        """Log one line per running stage: its tasks done, running and failed (when any) of all."""
+        """Log one line per running stage: the step it is part of, its tasks done, running and failed (when any) of
+        all."""
+        step = _step
         for stage_id in sorted(self._tracker.getActiveStageIds()):
             stage = self._tracker.getStageInfo(stage_id)
             if stage is None:  # ended since the ids were read
                 continue
             failed = f", {stage.numFailedTasks} failed" if stage.numFailedTasks else ""
-            log.info("Spark stage %d (%s): %d/%d tasks done, %d running%s", stage_id, stage.name,
-                     stage.numCompletedTasks, stage.numTasks, stage.numActiveTasks, failed,
-                     extra={"fields": {"spark_stage": stage_id, "tasks_done": stage.numCompletedTasks,
-                                       "tasks": stage.numTasks, "tasks_running": stage.numActiveTasks,
-                                       "tasks_failed": stage.numFailedTasks}})
+            log.info("Spark stage %d%s (%s): %d/%d tasks done, %d running%s", stage_id, f" of {step}" if step else "",
+                     stage.name, stage.numCompletedTasks, stage.numTasks, stage.numActiveTasks, failed,
+                     extra={"fields": {"spark_stage": stage_id, "spark_step": step,
+                                       "tasks_done": stage.numCompletedTasks, "tasks": stage.numTasks,
+                                       "tasks_running": stage.numActiveTasks, "tasks_failed": stage.numFailedTasks}})
 
     def _run(self) -> None:
         while not self._stopped.wait(self._every):

@@ -8,6 +8,7 @@ from pyspark.sql.types import StructField, StructType
 from jobs.config import SplitConf
 from pipelines import sql_text as sql
 from pipelines.errors import DataError
+from pipelines.spark_progress import spark_step
 
 SPLITS = ("train", "val", "test")
 HASH_BUCKETS = 1 << 20  # a row's hash bucket / HASH_BUCKETS is its uniform draw in [0, 1)
@@ -26,6 +27,7 @@ def _cut(draw: Column, conf: SplitConf) -> Column:
     return F.when(draw < conf.train, "train").when(draw < conf.train + conf.val, "val").otherwise("test")
 
 
+@spark_step("split")
 def split_rows(df: DataFrame, key_col: str, label_col: str | None, conf: SplitConf) -> DataFrame:
     """Add `split` by `conf.method` (ranked, hash or time)."""
     if conf.method == "hash":

@@ -31,6 +31,7 @@ from pipelines.errors import DataError
 from pipelines.file_refusals import file_refusals_named, refuse_files_not_text
 from pipelines.quarantine import is_quarantined
 from pipelines.spark import small_generated_methods
+from pipelines.spark_progress import spark_step
 
 CORRUPT_RECORD = "_corrupt_record"
 _LINE = "_line"  # JSON Lines: the line a row was parsed from, its record when quarantined
@@ -329,13 +330,14 @@ def checked_table(spark: SparkSession, source: FileSource, files: list[Path], sc
     of the key alone; only rows of repeated keys are ordered, and the few rows found are joined back (broadcast).
     """
     with ExitStack() as kept:
-        with small_generated_methods(spark), file_refusals_named(files):  # the checks run as the rows are written
+        with small_generated_methods(spark), file_refusals_named(files), spark_step("read and check input"):
             rows = kept.enter_context(kept_as_parquet(ingest_table(spark, source, files, check), scratch,
-                                                      dictionary=_few_values(source)))
+                                                      dictionary=_few_values(source)))  # checked as written
         log.info("read and checked %d input file(s) of %s", len(files), source.path)
         clean = rows.where(is_clean())
-        keys, repeated = kept.enter_context(
-            materialized(clean.groupBy("id").count().where(F.col("count") > 1).select("id")))
+        with spark_step("repeated keys"):
+            keys, repeated = kept.enter_context(
+                materialized(clean.groupBy("id").count().where(F.col("count") > 1).select("id")))
         log.info("%d key(s) repeat on clean rows (%s)", repeated, _key_name(source))
         if not repeated:
             yield rows
@@ -344,8 +346,9 @@ def checked_table(spark: SparkSession, source: FileSource, files: list[Path], sc
         candidates = clean.join(keys, "id", "left_semi")
         ordered = candidates.withColumn("_repeat", F.row_number().over(earlier) > 1)
         later = ordered.where("_repeat").select("position", _repeat_record(source))  # a row's position is unique
-        with materialized(later) as (repeats, _):
-            yield _with_repeats_marked(rows.join(repeats, "position", "left"))
+        with spark_step("repeated keys"):
+            repeats, _ = kept.enter_context(materialized(later))
+        yield _with_repeats_marked(rows.join(repeats, "position", "left"))
 
 
 def _few_values(source: FileSource) -> list[str]:
@@ -381,6 +384,7 @@ def _key_name(source: FileSource) -> str:
     return ", ".join(source.key_columns) or "record hash"
 
 
+@spark_step("duplicate keys")
 def check_duplicates(checked: DataFrame, reasons: dict[str, int], source: FileSource, quarantine_dir: Path) -> None:
     """Raise when rows repeat a key and the source says duplicates fail the job, naming a few of the repeats (their
     records and files, from the `checked_table` rows) and the quarantine that holds them all."""

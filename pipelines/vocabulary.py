@@ -12,6 +12,7 @@ from pyspark.sql import functions as F
 from pyspark.sql.types import ArrayType
 
 from pipelines import sql_text as sql
+from pipelines.spark_progress import spark_step
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,7 @@ def fit_vocabulary(
     return fit_vocabularies(train, [column], reserved, oov_id, max_size, min_count)[column]
 
 
+@spark_step("fit vocabularies")
 def fit_vocabularies(
     train: DataFrame,
     columns: list[str],

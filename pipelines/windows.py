@@ -19,6 +19,7 @@ from pyspark.sql.types import DateType
 from jobs.config import WindowConf
 from pipelines import sql_text as sql
 from pipelines.errors import DataError
+from pipelines.spark_progress import spark_step
 
 SHOWN_SHORT_SERIES = 5  # how many too-short (series, split) segments the error lists
 SHOWN_GAPPY_SERIES = 5  # how many series the warning about windows over a gap names
@@ -26,6 +27,7 @@ SHOWN_GAPPY_SERIES = 5  # how many series the warning about windows over a gap n
 log = logging.getLogger("dlpipe.windows")
 
 
+@spark_step("window checks")
 def sliding_windows(
     steps: DataFrame, conf: WindowConf, time_col: str, series_col: str | None, target_col: str
 ) -> DataFrame:

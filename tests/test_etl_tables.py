@@ -28,6 +28,7 @@ from pipelines.scaling import FittedScaler
 from pipelines.spark import HUGE_METHOD_LIMIT, small_generated_methods
 from pipelines.tables import (DUPLICATE_KEY, UNCLOSED_QUOTE_HINT, UNDECODABLE, ingest_table, malformed_reason,
                               source_files)
+from tests.spark_jobs import described_jobs, steps_in_order
 
 COLUMNS = [
     {"name": "id", "type": "int", "nullable": False},
@@ -186,11 +187,17 @@ def test_a_wide_tables_columns_are_logged_whole_in_config_yaml_not_cut_short_in_
     assert [c["name"] for c in saved["source"]["columns"]] == [c["name"] for c in columns]
 
 
-def test_the_etl_logs_each_pass_with_its_counts(spark, csv_source, tmp_path, caplog):
-    """Progress for a long job: a line as each pass over the data ends, the counts in it."""
+def test_the_etl_logs_each_pass_with_its_counts_and_names_each_spark_job_by_its_step(spark, csv_source, tmp_path,
+                                                                                     caplog):
+    """Progress for a long job: a line as each pass over the data ends, the counts in it; in the Spark UI (and the
+    progress lines) every job the ETL runs is described by its step."""
     caplog.set_level(logging.INFO, logger="dlpipe")
     cfg = table_config(csv_source, tmp_path / "run")
+    before = max(described_jobs(spark), default=-1)
     counts = run_etl(cfg)["counts"]
+    assert steps_in_order(described_jobs(spark), after=before) == [
+        "read and check input", "repeated keys", "quarantine", "class names", "quality report", "fit scaler",
+        "fit vocabularies", "drift reference", "write dataset"]
     lines = [record.getMessage() for record in caplog.records if record.name == "dlpipe.etl"]
     assert lines[:3] == ["started", f"read and checked 2 input file(s) of {csv_source}",
                          "1 key(s) repeat on clean rows (id)"]  # id 3 (DUPLICATE_KEY in BAD_LINES)

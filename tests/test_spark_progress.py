@@ -8,10 +8,11 @@ import time
 
 from jobs.config import SparkConf
 from pipelines.spark import spark_session
-from pipelines.spark_progress import StageProgress, report_progress
+from pipelines.spark_progress import JOB_DESCRIPTION, StageProgress, report_progress, spark_step
+from tests.spark_jobs import described_jobs, steps_in_order
 
 PROGRESS_THREAD = "dlpipe-spark-progress"
-LINE = re.compile(r"Spark stage (\d+) \((.+)\): (\d+)/(\d+) tasks done, (\d+) running")
+LINE = re.compile(r"Spark stage (\d+)(?: of (.+))? \((.+)\): (\d+)/(\d+) tasks done, (\d+) running")
 
 
 def _slow_count(spark, tasks: int, seconds: float) -> int:
@@ -30,28 +31,71 @@ def _progress_lines(caplog) -> list[logging.LogRecord]:
     return [record for record in caplog.records if record.name == "dlpipe.spark"]
 
 
-def test_a_running_stage_is_logged_with_its_tasks_done_until_the_reporter_stops(spark, caplog):
-    """6 tasks of 0.6 s on 2 cores run ~1.8 s: reported every 0.2 s, the lines name the stage and count its tasks
-    done (growing), running and in all (6); after `stop` nothing more is logged."""
+def test_a_running_stage_is_logged_with_its_step_and_tasks_done_until_the_reporter_stops(spark, caplog):
+    """6 tasks of 0.6 s on 2 cores run ~1.8 s: reported every 0.2 s, the lines name the step and the stage and count
+    its tasks done (growing), running and in all (6); after `stop` nothing more is logged."""
     caplog.set_level(logging.INFO, logger="dlpipe.spark")
     report_progress(spark.sparkContext, 30).stop()  # the shared session's own reporter: its lines would mix in
     reporter = StageProgress(spark.sparkContext, every=0.2).start()
     try:
-        assert _slow_count(spark, tasks=6, seconds=0.6) == 6
+        with spark_step("count slowly"):
+            assert _slow_count(spark, tasks=6, seconds=0.6) == 6
     finally:
         reporter.stop()
     assert not reporter.running
     records = _progress_lines(caplog)
     matches = [LINE.fullmatch(record.getMessage()) for record in records]
     assert len(matches) >= 3 and all(matches), [record.getMessage() for record in records]
-    assert len({m[1] for m in matches}) == 1 and "count at" in matches[0][2]  # one stage, named as Spark names it
-    done = [int(m[3]) for m in matches]
+    assert {m[2] for m in matches} == {"count slowly"}
+    assert len({m[1] for m in matches}) == 1 and "count at" in matches[0][3]  # one stage, named as Spark names it
+    done = [int(m[4]) for m in matches]
     assert done == sorted(done) and done[0] < 6
-    assert {int(m[4]) for m in matches} == {6} and any(int(m[5]) > 0 for m in matches)
-    assert records[0].fields == {"spark_stage": int(matches[0][1]), "tasks_done": done[0], "tasks": 6,
-                                 "tasks_running": int(matches[0][5]), "tasks_failed": 0}  # for --log-format json
+    assert {int(m[5]) for m in matches} == {6} and any(int(m[6]) > 0 for m in matches)
+    assert records[0].fields == {"spark_stage": int(matches[0][1]), "spark_step": "count slowly",
+                                 "tasks_done": done[0], "tasks": 6, "tasks_running": int(matches[0][6]),
+                                 "tasks_failed": 0}  # for --log-format json
     _slow_count(spark, tasks=2, seconds=0.5)
     assert len(_progress_lines(caplog)) == len(records)
+
+
+def test_a_stage_outside_any_step_is_logged_without_one(spark, caplog):
+    caplog.set_level(logging.INFO, logger="dlpipe.spark")
+    reporter = StageProgress(spark.sparkContext, every=0.2).start()
+    try:
+        _slow_count(spark, tasks=4, seconds=0.5)
+    finally:
+        reporter.stop()
+    records = _progress_lines(caplog)
+    matches = [LINE.fullmatch(record.getMessage()) for record in records]
+    assert matches and all(m and m[2] is None for m in matches), [record.getMessage() for record in records]
+    assert records[0].fields["spark_step"] is None
+
+
+def test_a_step_is_the_description_of_its_jobs_and_steps_nest(spark):
+    """What the Spark UI (and the event log, and a history server) shows for each job: the step it ran in; the outer
+    step's description is back after an inner one, none after the outermost, also when the step fails."""
+    context = spark.sparkContext
+
+    @spark_step("inner")
+    def inner_count() -> int:
+        assert context.getLocalProperty(JOB_DESCRIPTION) == "inner"
+        return spark.range(5).count()
+
+    before = max(described_jobs(spark), default=-1)
+    with spark_step("outer"):
+        spark.range(3).count()
+        assert inner_count() == 5
+        assert context.getLocalProperty(JOB_DESCRIPTION) == "outer"
+        spark.range(4).count()
+    assert context.getLocalProperty(JOB_DESCRIPTION) is None
+    spark.range(2).count()
+    try:
+        with spark_step("failing"):
+            raise ValueError("the step failed")
+    except ValueError:
+        pass
+    assert context.getLocalProperty(JOB_DESCRIPTION) is None
+    assert steps_in_order(described_jobs(spark), after=before) == ["outer", "inner", "outer", None]
 
 
 def test_one_reporter_per_context_none_with_progress_seconds_0_and_none_left_after_the_context_stops(spark):
