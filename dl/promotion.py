@@ -134,7 +134,6 @@ class SmokeTest:
     batch_size: int = 1024
     input_col: str | None = None  # None: the column the model declares (raw features or text)
 
-    @spark_step("smoke test")
     def run(self, model_uri: str) -> int:
         """Rows scored; raises SmokeTestFailed if scoring fails or the predictions are not one valid row per id."""
         from pipelines.scoring import model_contract, score_parquet  # the real scorer, as `dlpipe score` runs it
@@ -143,7 +142,7 @@ class SmokeTest:
             raise DataError(f"{self.test_split}: no test split to smoke-test the candidate on (run the ETL first)")
         spark = self.spark()
         Path(self.workdir).mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix=".promote-smoke-", dir=self.workdir) as tmp:
+        with spark_step("smoke test"), tempfile.TemporaryDirectory(prefix=".promote-smoke-", dir=self.workdir) as tmp:
             sample, predictions = Path(tmp) / "sample", Path(tmp) / "predictions"
             rows = spark.read.parquet(str(self.test_split)).orderBy("id").limit(self.rows)
             rows.coalesce(1).write.parquet(str(sample))

@@ -29,7 +29,7 @@ _step: str | None = None  # the step whose Spark jobs run now (the driver runs o
 def spark_step(name: str) -> Iterator[None]:
     """Spark jobs started within the block (or by a function this decorates) are step `name` of the job: their
     description in the Spark UI and event log, and the step their progress lines name. Steps nest: the outer
-    step's name is back after the inner one."""
+    step's name is back after the inner one. The SparkContext must be running when the step starts."""
     global _step
     context = SparkContext._active_spark_context
     outer_step = _step
