@@ -48,6 +48,7 @@ log = logging.getLogger("dlpipe.train")
 # torchrun shares its rendezvous store with the workers' process group by default; after a restart the new
 # workers can read the dead workers' gloo/nccl addresses from it and fail to connect (pytorch issue #135712).
 TORCHRUN_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+THREADS_VARIABLE = "OMP_NUM_THREADS"  # each rank's intra-op threads (torch.get_num_threads)
 
 
 def _run_id_file(cfg: PipelineConfig) -> Path:
@@ -86,7 +87,7 @@ def tracked_run(cfg: PipelineConfig, manifest: dict) -> Iterator[mlflow.ActiveRu
 def system_info(ctx: DistContext) -> dict[str, str]:
     """Where and with what the run trained: world size, backend, device and the envelope's versions."""
     info = {"system.world_size": str(ctx.world_size), "system.backend": ctx.backend, "system.device": str(ctx.device),
-            "system.python": platform.python_version()}
+            "system.threads_per_rank": str(torch.get_num_threads()), "system.python": platform.python_version()}
     if torch.cuda.is_available():
         info["system.gpu"] = torch.cuda.get_device_name(ctx.device)
     for package in ("torch", "pyspark", "pyarrow", "mlflow", "petastorm"):
@@ -204,13 +205,23 @@ def launch(cfg_path: str | Path, overrides: list[str] | tuple[str, ...] = (), wo
             *overrides,
         ]
         log.info("launching %s", " ".join(command))
-        torchrun = subprocess.Popen(command, env={**os.environ, **TORCHRUN_ENV})
+        torchrun = subprocess.Popen(command, env=rank_environment(world_size))
         try:
             return torchrun.wait()
         except BaseException:  # the launcher is stopping (SIGTERM, Ctrl-C): its ranks must not go on without it
             _stop(torchrun)
             _end_killed_run(cfg)
             raise
+
+
+def rank_environment(world_size: int) -> dict[str, str]:
+    """The environment torchrun starts `world_size` local ranks with: this one, TORCHRUN_ENV, and each rank's share of
+    the cores this process may use as its intra-op threads (OMP_NUM_THREADS, at least 1) unless the environment sets
+    it. torchrun alone gives each of several ranks one thread (and prints a warning), leaving a big host idle."""
+    env = {**os.environ, **TORCHRUN_ENV}
+    if world_size > 1:  # one rank: torch's own default, the host's cores
+        env.setdefault(THREADS_VARIABLE, str(max(1, len(os.sched_getaffinity(0)) // world_size)))
+    return env
 
 
 def _stop(torchrun: subprocess.Popen, grace_s: float = 60.0) -> None:

@@ -20,6 +20,7 @@ from jobs.config import load_config
 from jobs.run import RunReport
 from jobs.sample import write_breast_cancer, write_digits
 from jobs.stage import LOG_FORMAT_ENV, configure_logging, stage
+from jobs.train import THREADS_VARIABLE, rank_environment
 
 DIGITS = Path(__file__).resolve().parents[1] / "conf" / "digits_cnn.yaml"
 BREAST_CANCER = DIGITS.with_name("breast_cancer_anomaly.yaml")
@@ -195,6 +196,7 @@ def test_run_chains_etl_ddp_training_registration_and_scoring(tmp_path):
     plots = {a.path for a in client.list_artifacts(version.run_id, "plots")}
     assert plots == {"plots/learning_curves.png", "plots/confusion_matrix.png"}
     assert (run.data.tags["system.world_size"], run.data.tags["system.backend"]) == ("2", "gloo")
+    assert run.data.tags["system.threads_per_rank"] == rank_environment(2)[THREADS_VARIABLE]
     assert run.data.tags["system.torch"].startswith("2.13.0")
 
     # Lineage: any prediction row -> model version -> training run -> the raw inputs' content hash.

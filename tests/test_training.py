@@ -386,10 +386,10 @@ def _write_config(tmp_path: Path, **train) -> Path:
 def _launch_faulty(config: Path, fault: str, step: int, max_restarts: int) -> subprocess.CompletedProcess:
     """torchrun 2 ranks of tests/faulty_train.py: rank 1 meets its `fault` (raise, kill, nan, abort) at its `step`-th
     step, first attempt only."""
-    from jobs.train import TORCHRUN_ENV
+    from jobs.train import rank_environment
 
     root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, **TORCHRUN_ENV, "PYTHONPATH": str(root), "DLPIPE_FAULT": fault, "DLPIPE_FAULT_RANK": "1",
+    env = {**rank_environment(2), "PYTHONPATH": str(root), "DLPIPE_FAULT": fault, "DLPIPE_FAULT_RANK": "1",
            "DLPIPE_FAULT_STEP": str(step), "DLPIPE_FAULT_MARKER": str(config.parent / f"fault-{fault}")}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                f"--max-restarts={max_restarts}", str(root / "tests" / "faulty_train.py"), str(config)]
@@ -462,13 +462,13 @@ def test_a_rank_killed_mid_epoch_resumes_to_the_same_weights(launched):
 def test_two_nodes_joined_by_rendezvous_train_to_the_single_host_weights(launched, tmp_path):
     """Multi-node as a cluster runs it: one torchrun per node, joined through a c10d rendezvous endpoint (both
     "nodes" on 127.0.0.1 here). Same world size and seed as the single-host reference: the same weights."""
-    from jobs.train import TORCHRUN_ENV
+    from jobs.train import rank_environment
 
     config = _synthetic_run(tmp_path, [[60]] * 4, seed=1, checkpoint_every_steps=3)
     node = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
             "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--rdzv-id=dlpipe-test",
             "-m", "jobs.train", str(config)]
-    env = {**os.environ, **TORCHRUN_ENV, "OMP_NUM_THREADS": "1"}  # as torchrun sets for the reference's 2 local ranks
+    env = rank_environment(2)  # each node's rank gets the threads each of the reference's 2 local ranks had
     logs = [tmp_path / f"node{i}.log" for i in range(2)]
     nodes = []
     for log in logs:
@@ -574,6 +574,17 @@ rank = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], 
 print(rank.pid, flush=True)
 time.sleep(120)
 """
+
+
+def test_each_local_rank_gets_its_share_of_the_cores_as_threads_unless_the_environment_sets_them(monkeypatch):
+    from jobs.train import THREADS_VARIABLE, rank_environment
+
+    monkeypatch.delenv(THREADS_VARIABLE, raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    assert [rank_environment(n).get(THREADS_VARIABLE) for n in (1, 2, 3, 16, 32)] == [None, "8", "5", "1", "1"]
+    assert rank_environment(2)["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"  # TORCHRUN_ENV
+    monkeypatch.setenv(THREADS_VARIABLE, "3")  # the user's choice stands
+    assert rank_environment(2)[THREADS_VARIABLE] == "3"
 
 
 def test_a_launcher_that_ignores_sigterm_is_killed_with_its_ranks_after_the_grace_period():
