@@ -384,7 +384,7 @@ def _key_name(source: FileSource) -> str:
     return ", ".join(source.key_columns) or "record hash"
 
 
-@spark_step("duplicate keys")
+@spark_step("repeated keys")
 def check_duplicates(checked: DataFrame, reasons: dict[str, int], source: FileSource, quarantine_dir: Path) -> None:
     """Raise when rows repeat a key and the source says duplicates fail the job, naming a few of the repeats (their
     records and files, from the `checked_table` rows) and the quarantine that holds them all."""
