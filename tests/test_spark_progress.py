@@ -6,6 +6,8 @@ import re
 import threading
 import time
 
+import pytest
+
 from jobs.config import SparkConf
 from pipelines.spark import spark_session
 from pipelines.spark_progress import JOB_DESCRIPTION, StageProgress, report_progress, spark_step
@@ -73,29 +75,32 @@ def test_a_stage_outside_any_step_is_logged_without_one(spark, caplog):
 
 def test_a_step_is_the_description_of_its_jobs_and_steps_nest(spark):
     """What the Spark UI (and the event log, and a history server) shows for each job: the step it ran in; the outer
-    step's description is back after an inner one, none after the outermost, also when the step fails."""
+    step's description is back after an inner one, and the description from before the outermost after it, also
+    when the step fails."""
     context = spark.sparkContext
+    context.setJobDescription("before any step")
 
     @spark_step("inner")
     def inner_count() -> int:
         assert context.getLocalProperty(JOB_DESCRIPTION) == "inner"
         return spark.range(5).count()
 
-    before = max(described_jobs(spark), default=-1)
-    with spark_step("outer"):
-        spark.range(3).count()
-        assert inner_count() == 5
-        assert context.getLocalProperty(JOB_DESCRIPTION) == "outer"
-        spark.range(4).count()
-    assert context.getLocalProperty(JOB_DESCRIPTION) is None
-    spark.range(2).count()
     try:
-        with spark_step("failing"):
+        before = max(described_jobs(spark), default=-1)
+        with spark_step("outer"):
+            spark.range(3).count()
+            assert inner_count() == 5
+            assert context.getLocalProperty(JOB_DESCRIPTION) == "outer"
+            spark.range(4).count()
+        assert context.getLocalProperty(JOB_DESCRIPTION) == "before any step"
+        spark.range(2).count()
+        with pytest.raises(ValueError, match="the step failed"), spark_step("failing"):
             raise ValueError("the step failed")
-    except ValueError:
-        pass
-    assert context.getLocalProperty(JOB_DESCRIPTION) is None
-    assert steps_in_order(described_jobs(spark), after=before) == ["outer", "inner", "outer", None]
+        assert context.getLocalProperty(JOB_DESCRIPTION) == "before any step"
+        jobs = described_jobs(spark)
+    finally:
+        context.setLocalProperty(JOB_DESCRIPTION, None)
+    assert steps_in_order(jobs, after=before) == ["outer", "inner", "outer", "before any step"]
 
 
 def test_one_reporter_per_context_none_with_progress_seconds_0_and_none_left_after_the_context_stops(spark):

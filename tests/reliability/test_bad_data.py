@@ -328,6 +328,7 @@ def test_scoring_fails_on_a_renamed_column_before_any_job_reads_a_row(spark, sto
                 score_parquet(spark, f"models:/drift-schema-cnn/{version.version}", renamed, tmp_path / "predictions")
         finally:
             spark.sparkContext.setLocalProperty("spark.jobGroup.id", None)
+            spark.sparkContext.setLocalProperty("spark.job.description", None)
         # `dlpipe score` checks drift first: its read of the input is checked the same way
         with mlflow.start_run(experiment_id=experiment) as training:
             mlflow.log_dict({"reference_distribution": {"column": "raw_features"}}, "manifest.json")
