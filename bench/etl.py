@@ -81,18 +81,19 @@ memory, and Spark's seconds growing linearly from 1M to 10M rows. The spec's anc
 this job: 10M rows pandas 135 s / 10.3 GB, polars 52 s / 4.8 GB, a straightforward Spark job 113 s / 1.3 GB
 JVM; 1M rows pandas 12.3 s, polars 4.4 s, Spark 31 s.
 
-**Where it stands (record above, 2026-11-25 08:54-09:06 UTC, load average 2.3 on average, 3.1 at most, AMD
-EPYC host): the speed goal is not met. dlpipe's ETL runs at 0.30x polars' rows/s at 10M rows (128.7 s against
-38.5 s; 0.6x would be polars' time / 0.6: 64 s).** The records before it: 2026-11-25 04:15 UTC 121.1 s against
-36.1 s (0.30x), 2026-11-24 22:15 UTC 128.5 s against 35.3 s (0.27x), 18:26 UTC 115.8 s against 37.8 s (0.33x),
-09:12 UTC 112.4 s against 33.6 s (0.30x). This record's code places every split's rows in its files by key (below:
-~3.5 s more at this size); its path is otherwise the one measured before. Spark's own floors: parse 22.6 s, parse
-and write 46.4 s. The 1 GB-driver run took 123.5 s (112.5, 145.0, 122.2 and 108.2 s in the records before).
-Memory: with `spark.driver_memory: 1g` the 10M-row job peaks at 1.6 GB (summed PSS, Python + JVM), 0.16 of
-pandas' 9.9 GB (goal: under a quarter, met, as in every record); with the default 2g at 1.9-2.8 GB across records:
-a 2 GB heap grows as far as its collector lets it, while the 1 GB driver's stays at 1.6-1.7 GB. Growth from 1M to
-10M rows is sub-linear (37.8 s -> 128.7 s: the JVM start, the MLflow store and ~25 Spark jobs' planning and code
-generation are fixed costs).
+**Where it stands (record above, 2026-11-25 12:53-13:04 UTC, load average 2.3 on average, 3.1 at most, AMD
+EPYC host): the speed goal is not met. dlpipe's ETL runs at 0.28x polars' rows/s at 10M rows (121.7 s against
+34.6 s; 0.6x would be polars' time / 0.6: 58 s).** The records before it: 2026-11-25 08:54 UTC 128.7 s against
+38.5 s (0.30x), 04:15 UTC 121.1 s against 36.1 s (0.30x), 2026-11-24 22:15 UTC 128.5 s against 35.3 s (0.27x),
+18:26 UTC 115.8 s against 37.8 s (0.33x), 09:12 UTC 112.4 s against 33.6 s (0.30x). The last two records' code
+places every split's rows in its files by key (below: ~3.5 s more at this size); this one's also names each Spark
+job by its step (a job description: no measurable cost). Spark's own floors: parse 23.4 s, parse and write
+43.3 s. The 1 GB-driver run took 113.3 s (123.5, 112.5, 145.0, 122.2 and 108.2 s in the records before).
+Memory: with `spark.driver_memory: 1g` the 10M-row job peaks at 1.7 GB (summed PSS, Python + JVM), 0.17 of
+pandas' 10.2 GB (goal: under a quarter, met, as in every record); with the default 2g at 1.9-2.8 GB across records
+(2.8 GB here, 0.27 of pandas'): a 2 GB heap grows as far as its collector lets it, while the 1 GB driver's stays at
+1.6-1.7 GB. Growth from 1M to 10M rows is sub-linear (35.0 s -> 121.7 s: the JVM start, the MLflow store and ~25
+Spark jobs' planning and code generation are fixed costs).
 
 **Where the time goes, by step (2026-11-25, 11:59 UTC).** Every Spark job now carries its step as its
 description (`pipelines/spark_progress.py::spark_step`), so Spark's event log splits the job by step. The 10M-row
@@ -102,7 +103,7 @@ checks, scratch Parquet) 43.8 s; repeated keys (count the keys, order the repeat
 1.8 + 0.5 s; quality report 5.9 + 0.5 s; fit scaler 5.0 + 1.0 s; fit vocabularies 2.2 + 0.3 s; write dataset
 28.6 + 2.9 s (placing rows by key: 11.0 s to read the scratch, scale and shuffle; 17.5 s to sort and write, in
 two tasks, one per file of each split). The JVM start, the first step and the last, 81 s, are Spark's parse and
-write with the checks and the by-key placement; they alone are over the 64 s goal.
+write with the checks and the by-key placement; they alone are over the goal (0.6x polars: 56-64 s across records).
 
 **The dataset's files depend on the keys alone (2026-11-25).** A dataset whose every split had at least 1,000 rows
 per file used to be written as the input's partitions merged (`coalesce`, no shuffle). Spark cuts a file input
