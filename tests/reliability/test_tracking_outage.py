@@ -20,7 +20,7 @@ import pytest
 
 from dl.checkpoint import load_checkpoint
 from jobs.tracking import MetricsBuffer, TrackingUnavailable, outage_reported
-from jobs.train import TORCHRUN_ENV
+from jobs.train import rank_environment
 from ports import free_port
 from test_mlflow_server import mlflow_server
 from test_training import _synthetic_run
@@ -37,7 +37,7 @@ def paused_training(tmp_path: Path, url: str, budget_s: float) -> Iterator[subpr
     """2 torchrun ranks of tests/reliability/paused_train.py against `url`; yields once epoch 1 is logged (the
     ranks then wait for `tmp_path/resume`). The whole process group is killed if the block fails."""
     config = _synthetic_run(tmp_path, [[60]] * 4, epochs=EPOCHS, seed=1)
-    env = {**os.environ, **TORCHRUN_ENV, "PYTHONPATH": str(ROOT), "DLPIPE_PAUSED_MARKER": str(tmp_path / "paused"),
+    env = {**rank_environment(2), "PYTHONPATH": str(ROOT), "DLPIPE_PAUSED_MARKER": str(tmp_path / "paused"),
            "DLPIPE_RESUME_MARKER": str(tmp_path / "resume")}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(PAUSED_TRAIN),
                str(config), f"mlflow.tracking_uri={url}", f"mlflow.outage_budget_s={budget_s}"]
